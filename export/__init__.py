@@ -1,0 +1,1 @@
+"""Export stage: checkpoint -> verified ONNX -> engine directory (needs the export extra)."""

@@ -1,0 +1,343 @@
+"""Component descriptors: the one place that names every tensor crossing an engine boundary.
+
+Export (ONNX ``input_names`` / ``dynamic_axes``), the TensorRT builder (optimisation profiles)
+and the runtime (feeds, output lookup, shape checks) all read these objects, so a tensor name or
+an axis meaning is written exactly once, here.
+
+Shapes are written with symbolic axis names. ``ShapeRange`` (a batch / height / width range in
+image pixels) resolves them into concrete min / opt / max shapes.
+
+Axis symbols:
+
+* ``batch``        images per call (VAE encoder / decoder);
+* ``unet_batch``   rows of one UNet or text-encoder call: ``batch`` with classifier-free guidance
+  doubling it (cond + uncond in one call), so it ranges from ``batch.min`` (no CFG) to
+  ``2 * batch.max``;
+* ``height`` / ``width``  image pixels; ``latent_height`` / ``latent_width`` = pixels / VAE factor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from .errors import InputError
+
+AxisSize = int | str
+Shape = tuple[int, ...]
+
+#: dtype names used in descriptors and the manifest. ``"float"`` means "the component's
+#: precision" (float32 for fp32 graphs, float16 for fp16 graphs); it is resolved by
+#: :meth:`TensorSpec.resolved_dtype`.
+DTYPES = ("float", "float32", "float16", "int32", "int64")
+
+
+@dataclass(frozen=True)
+class Range:
+    """An inclusive ``min <= opt <= max`` range of one dimension."""
+
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self) -> None:
+        if not (self.min <= self.opt <= self.max):
+            raise InputError(
+                f"range min:opt:max must satisfy min <= opt <= max, got "
+                f"{self.min}:{self.opt}:{self.max}"
+            )
+        if self.min < 1:
+            raise InputError(f"range minimum must be at least 1, got {self.min}")
+
+    @classmethod
+    def parse(cls, text: str | int, what: str, multiple_of: int = 1) -> Range:
+        """Parse ``"512"``, ``"256:768"`` or ``"256:512:768"`` (min:max or min:opt:max).
+
+        With two values the optimum is the minimum rounded up to ``multiple_of`` of the
+        midpoint, which is where TensorRT tunes kernels for a dynamic range.
+        """
+        parts = str(text).split(":")
+        try:
+            values = [int(p) for p in parts]
+        except ValueError:
+            raise InputError(
+                f"{what} must be N, MIN:MAX or MIN:OPT:MAX with integers, got {text!r}"
+            ) from None
+        if len(values) == 1:
+            lo = opt = hi = values[0]
+        elif len(values) == 2:
+            lo, hi = values
+            mid = (lo + hi) // 2
+            opt = max(lo, min(hi, (mid // multiple_of) * multiple_of))
+        elif len(values) == 3:
+            lo, opt, hi = values
+        else:
+            raise InputError(f"{what} must be N, MIN:MAX or MIN:OPT:MAX, got {text!r}")
+        if lo > hi:
+            raise InputError(f"{what}: MIN ({lo}) is greater than MAX ({hi})")
+        for v in (lo, opt, hi):
+            if v < 1:
+                raise InputError(f"{what} must be positive, got {v}")
+            if v % multiple_of:
+                raise InputError(f"{what} must be a multiple of {multiple_of}, got {v}")
+        return cls(lo, opt, hi)
+
+    def contains(self, value: int) -> bool:
+        return self.min <= value <= self.max
+
+    def to_list(self) -> list[int]:
+        return [self.min, self.opt, self.max]
+
+    @classmethod
+    def from_list(cls, values: Iterable[int]) -> Range:
+        lo, opt, hi = (int(v) for v in values)
+        return cls(lo, opt, hi)
+
+    def __str__(self) -> str:
+        return str(self.min) if self.min == self.max else f"{self.min}..{self.max}"
+
+
+@dataclass(frozen=True)
+class ShapeRange:
+    """Image batch / height / width ranges an engine directory is built for (pixels)."""
+
+    batch: Range
+    height: Range
+    width: Range
+    vae_scale_factor: int = 8
+
+    def __post_init__(self) -> None:
+        for what, r in (("height", self.height), ("width", self.width)):
+            for v in r.to_list():
+                if v % self.vae_scale_factor:
+                    raise InputError(
+                        f"{what} must be a multiple of {self.vae_scale_factor}, got {v}"
+                    )
+
+    def axis(self, symbol: str) -> Range:
+        """The min/opt/max range of one axis symbol (see module docstring)."""
+        f = self.vae_scale_factor
+        if symbol == "batch":
+            return self.batch
+        if symbol == "unet_batch":
+            return Range(self.batch.min, 2 * self.batch.opt, 2 * self.batch.max)
+        if symbol == "height":
+            return self.height
+        if symbol == "width":
+            return self.width
+        if symbol == "latent_height":
+            return Range(self.height.min // f, self.height.opt // f, self.height.max // f)
+        if symbol == "latent_width":
+            return Range(self.width.min // f, self.width.opt // f, self.width.max // f)
+        raise KeyError(f"unknown axis symbol {symbol!r}")
+
+    def to_dict(self) -> dict[str, list[int]]:
+        return {
+            "batch": self.batch.to_list(),
+            "height": self.height.to_list(),
+            "width": self.width.to_list(),
+            "vae_scale_factor": self.vae_scale_factor,  # type: ignore[dict-item]
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ShapeRange:
+        return cls(
+            batch=Range.from_list(d["batch"]),
+            height=Range.from_list(d["height"]),
+            width=Range.from_list(d["width"]),
+            vae_scale_factor=int(d.get("vae_scale_factor", 8)),
+        )
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, dtype and symbolic shape of one engine input or output."""
+
+    name: str
+    dtype: str
+    shape: tuple[AxisSize, ...]
+
+    def resolved_dtype(self, precision: str) -> str:
+        """Concrete dtype: ``"float"`` becomes float16 for fp16 graphs, float32 otherwise.
+
+        INT8 Q/DQ graphs keep float32 I/O (the quantization is inside the graph).
+        """
+        if self.dtype != "float":
+            return self.dtype
+        return "float16" if precision == "fp16" else "float32"
+
+    def dynamic_axes(self) -> dict[int, str]:
+        """``{axis_index: symbol}`` for ``torch.onnx.export(dynamic_axes=...)``."""
+        return {i: s for i, s in enumerate(self.shape) if isinstance(s, str)}
+
+    def resolve(self, shapes: ShapeRange, which: str) -> Shape:
+        """Concrete shape at ``which`` in ("min", "opt", "max")."""
+        return tuple(
+            getattr(shapes.axis(s), which) if isinstance(s, str) else int(s) for s in self.shape
+        )
+
+    def profile(self, shapes: ShapeRange) -> tuple[Shape, Shape, Shape]:
+        """(min, opt, max) shapes, as a TensorRT optimisation profile wants them."""
+        return (
+            self.resolve(shapes, "min"),
+            self.resolve(shapes, "opt"),
+            self.resolve(shapes, "max"),
+        )
+
+    def to_dict(self, precision: str) -> dict:
+        return {
+            "name": self.name,
+            "dtype": self.resolved_dtype(precision),
+            "shape": list(self.shape),
+        }
+
+
+@dataclass(frozen=True)
+class Component:
+    """One engine: its name (also the file stem) and its ordered inputs and outputs."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    description: str = ""
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """Dynamic axes of every input and output, for ``torch.onnx.export``."""
+        axes = {t.name: t.dynamic_axes() for t in (*self.inputs, *self.outputs)}
+        return {k: v for k, v in axes.items() if v}
+
+    def profile(self, shapes: ShapeRange) -> dict[str, tuple[Shape, Shape, Shape]]:
+        """Per-input (min, opt, max) shapes for an optimisation profile."""
+        return {t.name: t.profile(shapes) for t in self.inputs}
+
+    def input(self, name: str) -> TensorSpec:
+        for t in self.inputs:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def output(self, name: str) -> TensorSpec:
+        for t in self.outputs:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The few model sizes that the tensor shapes depend on, read from the checkpoint configs."""
+
+    text_max_length: int = 77
+    text_hidden_size: int = 768
+    unet_in_channels: int = 4
+    unet_out_channels: int = 4
+    latent_channels: int = 4
+    image_channels: int = 3
+    vae_scale_factor: int = 8
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelDims:
+        return cls(**{k: int(v) for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+# Component names: also the engine file stems and the keys of manifest["components"].
+TEXT_ENCODER = "text_encoder"
+UNET = "unet"
+VAE_DECODER = "vae_decoder"
+VAE_ENCODER = "vae_encoder"
+COMPONENT_NAMES = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)
+
+
+def text_encoder(d: ModelDims) -> Component:
+    """CLIP text encoder: token ids -> last hidden state (what SD 1.x / 2.x condition on).
+
+    Prompt and negative prompt are encoded in one call, hence ``unet_batch`` rows.
+    """
+    return Component(
+        TEXT_ENCODER,
+        inputs=(TensorSpec("input_ids", "int32", ("unet_batch", d.text_max_length)),),
+        outputs=(
+            TensorSpec(
+                "text_embeddings", "float", ("unet_batch", d.text_max_length, d.text_hidden_size)
+            ),
+        ),
+        description="CLIP text encoder (last hidden state)",
+    )
+
+
+def unet(d: ModelDims) -> Component:
+    """Denoising UNet: one timestep per batch row, so requests at different steps can share a
+    call (continuous batching) and CFG halves run together."""
+    return Component(
+        UNET,
+        inputs=(
+            TensorSpec(
+                "sample",
+                "float",
+                ("unet_batch", d.unet_in_channels, "latent_height", "latent_width"),
+            ),
+            TensorSpec("timestep", "float32", ("unet_batch",)),
+            TensorSpec(
+                "encoder_hidden_states",
+                "float",
+                ("unet_batch", d.text_max_length, d.text_hidden_size),
+            ),
+        ),
+        outputs=(
+            TensorSpec(
+                "model_output",
+                "float",
+                ("unet_batch", d.unet_out_channels, "latent_height", "latent_width"),
+            ),
+        ),
+        description="UNet2DConditionModel (raw model output: eps, v or x0 per prediction type)",
+    )
+
+
+def vae_decoder(d: ModelDims) -> Component:
+    """VAE decoder: latents already divided by the scaling factor -> images in [-1, 1]."""
+    return Component(
+        VAE_DECODER,
+        inputs=(
+            TensorSpec(
+                "latent", "float", ("batch", d.latent_channels, "latent_height", "latent_width")
+            ),
+        ),
+        outputs=(TensorSpec("images", "float", ("batch", d.image_channels, "height", "width")),),
+        description="AutoencoderKL decoder (post_quant_conv + decoder)",
+    )
+
+
+def vae_encoder(d: ModelDims) -> Component:
+    """VAE encoder: images in [-1, 1] -> the latent distribution's parameters (mean, logvar
+    concatenated on channels), so the runtime samples with its own seeded RNG as diffusers'
+    ``latent_dist.sample(generator)`` does."""
+    return Component(
+        VAE_ENCODER,
+        inputs=(TensorSpec("images", "float", ("batch", d.image_channels, "height", "width")),),
+        outputs=(
+            TensorSpec(
+                "latent_parameters",
+                "float",
+                ("batch", 2 * d.latent_channels, "latent_height", "latent_width"),
+            ),
+        ),
+        description="AutoencoderKL encoder (encoder + quant_conv): mean and logvar",
+    )
+
+
+def all_components(d: ModelDims) -> dict[str, Component]:
+    """Every component of a Stable Diffusion 1.x / 2.x pipeline, keyed by name."""
+    return {c.name: c for c in (text_encoder(d), unet(d), vae_decoder(d), vae_encoder(d))}

@@ -1,0 +1,1 @@
+"""The lean runtime: engine backends, tokenizer, pipeline and CLI. Imports no torch."""

@@ -1,0 +1,1 @@
+"""NumPy samplers with diffusers-compatible semantics."""
