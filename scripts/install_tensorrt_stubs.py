@@ -10,6 +10,9 @@ As published mypy cannot read them; three mechanical fixes make it check real AP
 parameters named ``in`` (a keyword) become ``in_``; ``add_scale_nd``'s ``channel_axis`` follows
 parameters with defaults, so it gets one; and ``py.typed`` markers are added.
 
+It also links the project's own packages under ``TARGET/trt_sd`` for mypy (see
+:func:`link_sources`).
+
 Usage: ``python scripts/install_tensorrt_stubs.py [TARGET]`` (default ``.typestubs``).
 """
 
@@ -34,15 +37,38 @@ def patch(target: Path) -> None:
         (target / pkg / "py.typed").write_text("", "utf-8")
 
 
+def link_sources(target: Path) -> None:
+    """Mirror the ``trt_sd`` namespace (top-level folders mapped by pyproject) as symlinks
+    under the mypy path, so mypy resolves ``trt_sd.models`` and friends to the real sources;
+    mypy cannot follow setuptools' editable-install finder."""
+    repo = Path(__file__).resolve().parent.parent
+    ns = target / "trt_sd"
+    ns.mkdir(parents=True, exist_ok=True)
+    for sub in ("samplers", "runtime", "export", "models"):
+        link = ns / sub
+        if not link.is_symlink():
+            link.symlink_to(repo / sub, target_is_directory=True)
+
+
 def main() -> int:
     target = Path(sys.argv[1] if len(sys.argv) > 1 else ".typestubs").resolve()
     if not (target / "tensorrt_bindings" / "tensorrt.pyi").is_file():
         subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
-             str(target), f"tensorrt-stubs=={VERSION}"],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--no-deps",
+                "--target",
+                str(target),
+                f"tensorrt-stubs=={VERSION}",
+            ],
             check=True,
         )
     patch(target)
+    link_sources(target)
     print(f"tensorrt stubs ready in {target}")
     return 0
 

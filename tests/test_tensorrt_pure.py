@@ -1,0 +1,106 @@
+"""The parts of the TensorRT builder that need no GPU: profiles, cache keys, names, errors."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from trt_sd.export import tensorrt_build as tb
+from trt_sd.models import (
+    BackendUnavailableError,
+    InputError,
+    ModelDims,
+    Range,
+    ShapeRange,
+    all_components,
+)
+
+SHAPES = ShapeRange(Range(1, 1, 4), Range(256, 512, 768), Range(512, 512, 512))
+UNET = all_components(ModelDims())["unet"]
+
+
+def test_profile_comes_from_descriptor_and_static_pins_opt():
+    dynamic = tb.engine_profile(UNET, SHAPES)
+    assert dynamic["sample"] == ((1, 4, 32, 64), (2, 4, 64, 64), (8, 4, 96, 64))
+    static = tb.engine_profile(UNET, SHAPES, static_shapes=True)
+    assert set(static) == set(UNET.input_names)
+    for lo, opt, hi in static.values():
+        assert lo == opt == hi
+    assert static["sample"][0] == (2, 4, 64, 64)
+
+
+def _key(**over):
+    args = {
+        "onnx_sha256": "a" * 64,
+        "tensorrt_version": "10.13.0",
+        "compute_capability": "9.0",
+        "profile": tb.engine_profile(UNET, SHAPES),
+        "options": tb.BuildOptions(precision="fp16"),
+    }
+    args.update(over)
+    return tb.engine_cache_key(**args)
+
+
+def test_cache_key_changes_with_every_input_and_only_then():
+    base = _key()
+    assert base == _key()
+    variants = [
+        _key(onnx_sha256="b" * 64),
+        _key(tensorrt_version="10.14.1"),
+        _key(compute_capability="8.9"),
+        _key(profile=tb.engine_profile(UNET, SHAPES, static_shapes=True)),
+        _key(options=tb.BuildOptions(precision="int8")),
+        _key(options=tb.BuildOptions(precision="fp16", optimization_level=5)),
+        _key(options=tb.BuildOptions(precision="fp16", version_compatible=True)),
+        _key(options=tb.BuildOptions(precision="fp16", hardware_compatible="ampere+")),
+    ]
+    assert len({base, *variants}) == len(variants) + 1
+
+
+def test_engine_file_name_is_readable_and_keyed():
+    opts = tb.BuildOptions(precision="fp16")
+    name = tb.engine_file_name("unet", opts, "9.0", "0123456789abcdef" * 4)
+    assert name == "unet.fp16.sm90.0123456789ab.plan"
+
+
+def test_int8_builds_strongly_typed():
+    assert tb.BuildOptions(precision="int8").strongly_typed
+    assert not tb.BuildOptions(precision="fp16").strongly_typed
+
+
+@pytest.mark.parametrize(
+    "kwargs,msg",
+    [
+        ({"precision": "bf8"}, "precision must be"),
+        ({"optimization_level": 7}, "optimisation level"),
+        ({"hardware_compatible": "turing"}, "hardware compatibility"),
+    ],
+)
+def test_bad_build_options(kwargs, msg):
+    with pytest.raises(InputError, match=msg):
+        tb.BuildOptions(**kwargs)
+
+
+def test_file_sha256_covers_external_data(tmp_path):
+    onnx = tmp_path / "unet.onnx"
+    onnx.write_bytes(b"graph")
+    first = tb.file_sha256(onnx)
+    (tmp_path / "unet.onnx.data").write_bytes(b"weights")
+    assert tb.file_sha256(onnx) != first
+
+
+def test_missing_tensorrt_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import raises ImportError
+    with pytest.raises(BackendUnavailableError, match="pip install"):
+        tb.require_tensorrt()
+
+
+def test_stub_only_tensorrt_is_not_taken_for_tensorrt(monkeypatch, tmp_path):
+    # tensorrt-stubs in site-packages leaves a folder with only .pyi: an empty namespace package.
+    (tmp_path / "tensorrt").mkdir()
+    (tmp_path / "tensorrt" / "__init__.pyi").write_text("")
+    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(BackendUnavailableError, match="type stubs"):
+        tb.require_tensorrt()
