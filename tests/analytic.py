@@ -20,7 +20,6 @@ Conventions (the same as diffusers and k-diffusion):
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,9 +43,19 @@ SD15_SCHEDULER_CONFIG: dict = {
 
 @dataclass(frozen=True)
 class VPSchedule:
-    """The discrete training schedule of a diffusers beta config, and its timestep<->sigma map."""
+    """A discrete training schedule, held as the log-sigmas of its timesteps 0..T-1.
 
-    alphas_cumprod: np.ndarray
+    Why log-sigmas: a sampler maps a sigma to the timestep it hands the model by interpolating
+    in this table, so the model is exact only if it inverts the *same* table. Build it with
+    :meth:`from_log_sigmas` from the sampler library's own table (float32 values, as diffusers
+    keeps them) when comparing against that library; :meth:`from_config` is a float64 stand-in.
+    """
+
+    log_sigmas: np.ndarray
+
+    @classmethod
+    def from_log_sigmas(cls, log_sigmas: np.ndarray) -> VPSchedule:
+        return cls(np.asarray(log_sigmas, dtype=np.float64).copy())
 
     @classmethod
     def from_config(cls, config: dict) -> VPSchedule:
@@ -59,11 +68,8 @@ class VPSchedule:
             betas = np.linspace(start, end, n, dtype=np.float64)
         else:
             raise ValueError(f"analytic problem supports linear/scaled_linear, not {kind!r}")
-        return cls(np.cumprod(1.0 - betas))
-
-    @property
-    def log_sigmas(self) -> np.ndarray:
-        return 0.5 * np.log((1.0 - self.alphas_cumprod) / self.alphas_cumprod)
+        abar = np.cumprod(1.0 - betas)
+        return cls(0.5 * np.log((1.0 - abar) / abar))
 
     @property
     def sigma_min(self) -> float:
@@ -75,12 +81,12 @@ class VPSchedule:
 
     def sigma_from_timestep(self, t: np.ndarray | float) -> np.ndarray:
         """Inverse of diffusers' `_sigma_to_t`: log-sigma interpolated linearly in t."""
-        grid = np.arange(len(self.alphas_cumprod), dtype=np.float64)
+        grid = np.arange(len(self.log_sigmas), dtype=np.float64)
         return np.exp(np.interp(np.asarray(t, dtype=np.float64), grid, self.log_sigmas))
 
     def timestep_from_sigma(self, sigma: np.ndarray | float) -> np.ndarray:
         """diffusers' `_sigma_to_t` (log sigma increases with t, so np.interp applies)."""
-        grid = np.arange(len(self.alphas_cumprod), dtype=np.float64)
+        grid = np.arange(len(self.log_sigmas), dtype=np.float64)
         return np.interp(np.log(np.asarray(sigma, dtype=np.float64)), self.log_sigmas, grid)
 
 
@@ -96,7 +102,7 @@ class GaussianMixture:
     def dim(self) -> int:
         return int(self.means.shape[1])
 
-    def _posterior(self, x_tilde: np.ndarray, sigma: np.ndarray):
+    def _posterior(self, x_tilde: np.ndarray, sigma: np.ndarray | float):
         """Responsibilities (N, K) and per-component shrink factors s^2 / (s^2 + sigma^2)."""
         sigma2 = np.asarray(sigma, dtype=np.float64).reshape(-1, 1, 1) ** 2  # (N|1, 1, 1)
         var = self.stds[None] ** 2 + sigma2  # (N|1, K, d)
@@ -106,6 +112,16 @@ class GaussianMixture:
         resp = np.exp(log_p)
         resp /= resp.sum(axis=1, keepdims=True)
         return resp, diff, var
+
+    def log_density(self, x_tilde: np.ndarray, sigma: float) -> np.ndarray:
+        """log p_sigma(x_tilde) of the noised data x0 + sigma * eps, for x_tilde (N, d)."""
+        var = self.stds[None] ** 2 + sigma**2
+        diff = x_tilde[:, None, :] - self.means[None]
+        log_p = np.log(self.weights)[None] - 0.5 * np.sum(
+            diff**2 / var + np.log(2.0 * np.pi * var), axis=-1
+        )
+        top = log_p.max(axis=1)
+        return top + np.log(np.exp(log_p - top[:, None]).sum(axis=1))
 
     def denoised(self, x_tilde: np.ndarray, sigma: np.ndarray | float) -> np.ndarray:
         """E[x0 | x0 + sigma * eps = x_tilde] for x_tilde of shape (N, d)."""
@@ -161,18 +177,31 @@ class ExactDenoiser:
             # v = sqrt(abar) eps - sqrt(1 - abar) x0, with x0 = x~ - sigma eps.
             x0 = x_in * scale - sigma[:, None] * eps
             return (eps - sigma[:, None] * x0) / scale
-        raise ValueError(f"prediction_type must be epsilon or v_prediction, not {self.prediction_type!r}")
+        raise ValueError(
+            f"prediction_type must be epsilon or v_prediction, not {self.prediction_type!r}"
+        )
+
+    def _state(self, call: int) -> tuple[np.ndarray, float]:
+        x_in, t = self.calls[call]
+        if np.ptp(t) != 0:
+            raise RuntimeError("a call mixed timesteps; expected one timestep per batch")
+        sigma = float(self.schedule.sigma_from_timestep(t[0]))
+        return x_in * np.sqrt(1.0 + sigma**2), sigma
 
     @property
     def start(self) -> tuple[np.ndarray, float]:
         """(x_tilde, sigma) of the first call: the sampler's initial state."""
         if not self.calls:
             raise RuntimeError("the denoiser has not been called yet")
-        x_in, t = self.calls[0]
-        if np.ptp(t) != 0:
-            raise RuntimeError("the first call mixes timesteps; expected one per batch")
-        sigma = float(self.schedule.sigma_from_timestep(t[0]))
-        return x_in * np.sqrt(1.0 + sigma**2), sigma
+        return self._state(0)
+
+    @property
+    def last(self) -> tuple[np.ndarray, float]:
+        """(x_tilde, sigma) of the latest call. A final step to sigma = 0 returns the model's x0
+        prediction at this state, ``mixture.denoised(*last)``."""
+        if not self.calls:
+            raise RuntimeError("the denoiser has not been called yet")
+        return self._state(-1)
 
 
 def solve_flow(
@@ -202,5 +231,3 @@ def vp_from_tilde(x_tilde: np.ndarray, sigma: float) -> np.ndarray:
     """x_t = x~ / sqrt(1 + sigma^2): the VP-scaled sample a diffusers sampler returns."""
     return x_tilde / np.sqrt(1.0 + sigma**2)
 
-
-DenoiseFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
