@@ -104,3 +104,39 @@ def test_stub_only_tensorrt_is_not_taken_for_tensorrt(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(BackendUnavailableError, match="type stubs"):
         tb.require_tensorrt()
+
+
+def _entry(**extra):
+    from trt_sd.models.manifest import ComponentEntry
+
+    return ComponentEntry(
+        name="unet",
+        file="unet.fp16.sm90.0123456789ab.plan",
+        sha256="",
+        backend="tensorrt",
+        precision="fp16",
+        inputs=[],
+        outputs=[],
+        shape_range=SHAPES,
+        verification={},
+        extra={"tensorrt_version": "10.13.0", "compute_capability": "9.0", **extra},
+    )
+
+
+def test_runtime_backend_checks_engine_version_and_gpu():
+    from trt_sd.models import ManifestError
+    from trt_sd.runtime.backends.tensorrt import can_serve, check_compatibility
+
+    assert can_serve(_entry())
+    check_compatibility(_entry(), "10.13.0", "9.0")
+    with pytest.raises(ManifestError, match="built with TensorRT 10.13.0, this is TensorRT 10.14.1"):
+        check_compatibility(_entry(), "10.14.1", "9.0")
+    with pytest.raises(ManifestError, match="compute capability 9.0, this GPU is 8.9"):
+        check_compatibility(_entry(), "10.13.0", "8.9")
+    # Version-compatible engines load on a later 10.x; hardware-compatible on any Ampere+ GPU.
+    check_compatibility(_entry(version_compatible=True), "10.14.1", "9.0")
+    with pytest.raises(ManifestError, match="cannot load it"):
+        check_compatibility(_entry(version_compatible=True), "10.12.0", "9.0")
+    check_compatibility(_entry(hardware_compatible="ampere+"), "10.13.0", "8.6")
+    with pytest.raises(ManifestError, match="Ampere"):
+        check_compatibility(_entry(hardware_compatible="ampere+"), "10.13.0", "7.5")
