@@ -129,9 +129,11 @@ def test_runtime_backend_checks_engine_version_and_gpu():
 
     assert can_serve(_entry())
     check_compatibility(_entry(), "10.13.0", "9.0")
-    with pytest.raises(ManifestError, match="built with TensorRT 10.13.0, this is TensorRT 10.14.1"):
+    with pytest.raises(
+        ManifestError, match=r"built with TensorRT 10\.13\.0, this is TensorRT 10\.14\.1"
+    ):
         check_compatibility(_entry(), "10.14.1", "9.0")
-    with pytest.raises(ManifestError, match="compute capability 9.0, this GPU is 8.9"):
+    with pytest.raises(ManifestError, match=r"capability 9\.0, this GPU is 8\.9"):
         check_compatibility(_entry(), "10.13.0", "8.9")
     # Version-compatible engines load on a later 10.x; hardware-compatible on any Ampere+ GPU.
     check_compatibility(_entry(version_compatible=True), "10.14.1", "9.0")
