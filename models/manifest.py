@@ -220,11 +220,14 @@ class Manifest:
             raise ManifestError(f"{mpath} is not readable JSON: {e}") from None
         manifest = cls.from_dict(raw)
         for entry in manifest.components.values():
-            if not (path / entry.file).is_file():
-                raise ManifestError(
-                    f"engine directory {str(path)!r} is incomplete: {entry.file} "
-                    f"(component {entry.name}) is missing"
-                )
+            # Graphs over 2 GB keep their weights in a side file (``external_data.file``).
+            external = (entry.extra.get("external_data") or {}).get("file")
+            for fname in (entry.file, external):
+                if fname and not (path / fname).is_file():
+                    raise ManifestError(
+                        f"engine directory {str(path)!r} is incomplete: {fname} "
+                        f"(component {entry.name}) is missing"
+                    )
         return manifest
 
     def write(self, engine_dir: str | os.PathLike[str]) -> Path:

@@ -1,0 +1,314 @@
+"""``export_model``: checkpoint -> verified ONNX engine directory with its manifest."""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trt_sd.models import (
+    COMPONENT_NAMES,
+    SCHEMA_VERSION,
+    Component,
+    Manifest,
+    Range,
+    ShapeRange,
+    all_components,
+    default_engine_dir,
+)
+from trt_sd.models.descriptors import VAE_DECODER, VAE_ENCODER
+
+from . import engine_dir
+from .checkpoint import TOKENIZER_FILES, Checkpoint, locate, sha256_file
+from .options import ExportOptions, resolve_options
+
+_TOOLS = ("trt-sd", "torch", "diffusers", "transformers", "onnx", "onnxscript", "onnxruntime")
+
+
+def tool_versions() -> dict[str, str]:
+    out = {}
+    for name in _TOOLS:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "unknown"
+    return out
+
+
+def component_precisions(opts: ExportOptions) -> dict[str, str]:
+    """fp16 exports keep the VAE in fp32 unless asked: SD 1.x / 2.x VAEs overflow in fp16
+    (diffusers upcasts them too, ``force_upcast``)."""
+    vae = opts.precision if opts.vae_fp16 else "fp32"
+    return {
+        name: vae if name in (VAE_DECODER, VAE_ENCODER) else opts.precision
+        for name in COMPONENT_NAMES
+    }
+
+
+def export_model(
+    model: str | os.PathLike[str] | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    *,
+    precision: str = "fp32",
+    backend: str = "auto",
+    height: str | int | Range | None = None,
+    width: str | int | Range | None = None,
+    batch: str | int | Range = "1:4",
+    opset: int = 17,
+    vae_fp16: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = True,
+    config: str | os.PathLike[str] | None = None,
+) -> Manifest:
+    """Export ``model`` (diffusers folder, single ``.safetensors``, or ``None`` for the bundled
+    default) to ``out_dir`` (default: :func:`trt_sd.models.default_engine_dir`).
+
+    ``height`` / ``width`` are ``H``, ``MIN:MAX`` or ``MIN:OPT:MAX`` pixels (default: the
+    model's native size); ``batch`` is images per call. ``config`` is a local diffusers folder
+    supplying configs and tokenizer for a single-file checkpoint. Components whose inputs are
+    unchanged since the last export to ``out_dir`` are reused. Raises ``InputError`` for bad
+    arguments, ``NumericalError`` (naming the component) when a graph fails verification.
+    """
+    ckpt = locate(model, config=config, allow_pickle=allow_pickle)
+    opts = resolve_options(
+        precision=precision,
+        backend=backend,
+        height=height,
+        width=width,
+        batch=batch,
+        opset=opset,
+        vae_fp16=vae_fp16,
+        allow_pickle=allow_pickle,
+        default_size=ckpt.native_size,
+    )
+    shapes = ShapeRange(opts.batch, opts.height, opts.width, ckpt.vae_scale_factor)
+    out = Path(default_engine_dir() if out_dir is None else out_dir).expanduser().absolute()
+    engine_dir.check_output_dir(out)
+    engine_dir.remove_stale_builds(out)
+    build = engine_dir.new_build_dir(out)
+    try:
+        _Builder(ckpt, opts, shapes, out, build, progress).run()
+        engine_dir.publish(build, out)
+    except BaseException:
+        engine_dir.discard(build)
+        raise
+    return Manifest.load(out)
+
+
+class _Builder:
+    """One export run: per component reuse-or-build, then tokenizer files and manifest."""
+
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        opts: ExportOptions,
+        shapes: ShapeRange,
+        out: Path,
+        build: Path,
+        progress: bool,
+    ) -> None:
+        self.ckpt, self.opts, self.shapes = ckpt, opts, shapes
+        self.out, self.build, self.progress = out, build, progress
+        self.tools = tool_versions()
+        self.precisions = component_precisions(opts)
+        self.previous = engine_dir.previous_manifest(out)
+        self._loader: Any = None
+
+    def run(self) -> None:
+        started = time.perf_counter()
+        components = all_components(self.ckpt.dims)
+        entries, reused = {}, []
+        for name in COMPONENT_NAMES:
+            key = self._cache_key(name)
+            entry = self._reusable(name, key)
+            if entry is not None:
+                reused.append(name)
+                self._log(f"{name}: unchanged, reused from {self.out}")
+            else:
+                entry = build_component(self, components[name], key)
+            entries[name] = entry
+        self._copy_tokenizer()
+        raw = self._manifest(entries, reused, time.perf_counter() - started)
+        Manifest.from_dict(raw).write(self.build)  # validates before anything is published
+
+    # ---- reuse ------------------------------------------------------------------------------
+    def _cache_key(self, name: str) -> str:
+        return engine_dir.cache_key(
+            {
+                "weights": self.ckpt.weights_hash(name),
+                "component": name,
+                "precision": self.precisions[name],
+                "opset": self.opts.opset,
+                "backend": self.opts.backend,
+                "shape_range": self.shapes.to_dict(),
+                "tools": self.tools,
+            }
+        )
+
+    def _reusable(self, name: str, key: str) -> dict[str, Any] | None:
+        if self.previous is None or name not in self.previous.components:
+            return None
+        entry = self.previous.components[name].to_dict()
+        if entry.get("cache_key") != key or not engine_dir.files_intact(self.out, entry):
+            return None
+        engine_dir.link_or_copy(self.out / entry["file"], self.build / entry["file"])
+        if entry.get("external_data"):
+            ext = entry["external_data"]["file"]
+            engine_dir.link_or_copy(self.out / ext, self.build / ext)
+        return entry
+
+    # ---- helpers used by build_component ------------------------------------------------------
+    def loader(self) -> Any:
+        """The torch module loader (imports torch on first use)."""
+        if self._loader is None:
+            from .modules import ModuleLoader
+
+            self._loader = ModuleLoader(self.ckpt)
+        return self._loader
+
+    def _log(self, message: str) -> None:
+        if self.progress:
+            from tqdm import tqdm
+
+            tqdm.write(message, file=sys.stderr)
+
+    def _copy_tokenizer(self) -> None:
+        dst = self.build / "tokenizer"
+        dst.mkdir()
+        for fname in TOKENIZER_FILES:
+            src = self.ckpt.config_dir / "tokenizer" / fname
+            if src.is_file():
+                shutil.copyfile(src, dst / fname)
+
+    def _manifest(
+        self, entries: dict[str, dict[str, Any]], reused: list[str], seconds: float
+    ) -> dict[str, Any]:
+        ckpt = self.ckpt
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "model": ckpt.identity(),
+            "tools": self.tools,
+            "components": entries,
+            "scheduler": ckpt.scheduler_config,
+            "prediction_type": ckpt.prediction_type,
+            "vae_scaling_factor": float(ckpt.vae_config.get("scaling_factor", 0.18215)),
+            "dims": ckpt.dims.to_dict(),
+            "tokenizer": ckpt.tokenizer_entry(),
+            "defaults": ckpt.defaults(),
+            "unet_partition": None,
+            "quantization": None,
+            "export": {
+                "precision": self.opts.precision,
+                "vae_fp16": self.opts.vae_fp16,
+                "opset": self.opts.opset,
+                "shape_range": self.shapes.to_dict(),
+                "reused": reused,
+                "seconds": round(seconds, 2),
+            },
+        }
+
+
+def build_component(builder: _Builder, component: Component, key: str) -> dict[str, Any]:
+    """Load, export and verify one component; returns its manifest entry."""
+    from .onnx_export import EXPORTER, export_onnx, external_data_name, trace_sizes
+    from .verify import random_inputs, torch_reference, verification_sizes, verify
+
+    name, precision = component.name, builder.precisions[component.name]
+    ckpt, opts = builder.ckpt, builder.opts
+    bar = _Stages(name, builder.progress)
+    t0 = time.perf_counter()
+    bar.stage("load")
+    module = builder.loader().wrapper(name)
+    rng = np.random.default_rng(0)
+    feed_args = {
+        "vocab_size": int(ckpt.text_config.get("vocab_size", 49408)),
+        "num_train_timesteps": int(ckpt.scheduler_config.get("num_train_timesteps", 1000)),
+    }
+    num_up = len(ckpt.unet_config.get("block_out_channels", [0])) - 1
+    trace = random_inputs(
+        component,
+        trace_sizes(name, num_up, ckpt.vae_scale_factor),
+        precision,
+        rng,
+        **feed_args,
+    )
+    bar.stage("torch")  # reference outputs first, so the module is freed before verification
+    cases = []
+    for sizes in verification_sizes(builder.shapes):
+        feeds = random_inputs(component, sizes, precision, rng, **feed_args)
+        cases.append((feeds, torch_reference(module, feeds)))
+    bar.stage("export")
+    path = builder.build / f"{name}.onnx"
+    export_onnx(module, component, trace, path, opset=opts.opset, fp16=precision == "fp16")
+    del module
+    gc.collect()
+    bar.stage("verify")
+    record = verify(name, str(path), cases, precision)
+    bar.stage("hash")
+    entry: dict[str, Any] = {
+        "file": path.name,
+        "sha256": sha256_file(path),
+        "backend": opts.backend,
+        "precision": precision,
+        "inputs": [t.to_dict(precision) for t in component.inputs],
+        "outputs": [t.to_dict(precision) for t in component.outputs],
+        "shape_range": builder.shapes.to_dict(),
+        "verification": record,
+        "cache_key": key,
+        "opset": opts.opset,
+        "exporter": EXPORTER,
+        "bytes": path.stat().st_size,
+    }
+    ext = path.parent / external_data_name(path)
+    if ext.is_file():
+        entry["external_data"] = {"file": ext.name, "sha256": sha256_file(ext)}
+        entry["bytes"] += ext.stat().st_size
+    entry["export_seconds"] = round(time.perf_counter() - t0, 2)
+    bar.close(
+        f"{name}: {precision} max error {record['max_rel_error']:.2e} relative "
+        f"({record['max_abs_error']:.2e} abs, tolerance {record['tolerance']:g})"
+    )
+    return entry
+
+
+class _Stages:
+    """A tqdm bar per component whose steps are the export stages."""
+
+    STAGES = ("load", "torch", "export", "verify", "hash")
+
+    def __init__(self, name: str, enabled: bool) -> None:
+        self.name = name
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=len(self.STAGES),
+                desc=f"{name:<12} {'':<6}",
+                file=sys.stderr,
+                bar_format="{desc} {bar:20} {n}/{total} [{elapsed}]",
+            )
+        self._started = False
+
+    def stage(self, label: str) -> None:
+        if self.bar is not None:
+            if self._started:
+                self.bar.update(1)
+            self._started = True
+            self.bar.set_description_str(f"{self.name:<12} {label:<6}")
+
+    def close(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_description_str(f"{self.name:<12} {'done':<6}")
+            self.bar.close()
+            self.bar.write(message, file=sys.stderr)

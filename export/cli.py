@@ -1,0 +1,99 @@
+"""``trt-sd export``: checkpoint -> engine directory, with a summary table.
+
+``add_arguments`` imports nothing heavy; torch and friends load inside ``main`` (through
+:func:`trt_sd.export.export_model`), so ``trt-sd export --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from trt_sd.models import Manifest, default_engine_dir
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="diffusers folder (model_index.json) or single .safetensors checkpoint "
+        "(default: the bundled model)",
+    )
+    parser.add_argument(
+        "--out", default=None, help=f"engine directory to write (default: {default_engine_dir()})"
+    )
+    parser.add_argument("--precision", default="fp32", help="fp32 | fp16 | int8 (default fp32)")
+    parser.add_argument(
+        "--backend", default="auto", help="auto | onnxruntime | tensorrt (default auto)"
+    )
+    parser.add_argument(
+        "--height", default=None, help="H, MIN:MAX or MIN:OPT:MAX pixels (default: native)"
+    )
+    parser.add_argument(
+        "--width", default=None, help="W, MIN:MAX or MIN:OPT:MAX pixels (default: native)"
+    )
+    parser.add_argument("--batch", default="1:4", help="images per call, MIN:MAX (default 1:4)")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset, 17-20 (default 17)")
+    parser.add_argument(
+        "--vae-fp16", action="store_true", help="export the VAE in fp16 too (it may overflow)"
+    )
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="load pickle checkpoints (.ckpt/.bin/.pt): they run code when loaded",
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="for a single .safetensors file: local diffusers folder with its configs and "
+        "tokenizer",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def main(args: argparse.Namespace) -> int:
+    from trt_sd.export import export_model
+
+    manifest = export_model(
+        args.model,
+        args.out,
+        precision=args.precision,
+        backend=args.backend,
+        height=args.height,
+        width=args.width,
+        batch=args.batch,
+        opset=args.opset,
+        vae_fp16=args.vae_fp16,
+        allow_pickle=args.allow_pickle,
+        progress=not args.quiet,
+        config=args.config,
+    )
+    out = default_engine_dir() if args.out is None else args.out
+    print(summary_table(manifest))
+    hint = "trt-sd run" if args.out is None else f"trt-sd run --engines {out}"
+    print(f"\nengine directory: {out}\nnext: {hint}")
+    return 0
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def summary_table(manifest: Manifest) -> str:
+    """component | precision | file size | max error | time (``reused`` when unchanged)."""
+    reused = set((manifest.raw.get("export") or {}).get("reused", []))
+    rows = [("component", "precision", "size", "max rel error", "time")]
+    for name, entry in manifest.components.items():
+        v = entry.verification
+        err = f"{v['max_rel_error']:.1e}" if "max_rel_error" in v else "-"
+        seconds = entry.extra.get("export_seconds")
+        when = "reused" if name in reused else (f"{seconds:.1f} s" if seconds is not None else "-")
+        rows.append((name, entry.precision, _size(int(entry.extra.get("bytes", 0))), err, when))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

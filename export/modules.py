@@ -1,0 +1,195 @@
+"""Load a checkpoint's torch modules and adapt them to the component descriptors' I/O.
+
+Each wrapper's ``forward`` takes exactly the descriptor's inputs, in order, and returns its one
+output, so ``torch.onnx.export`` names follow ``Component.input_names`` / ``output_names``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from trt_sd.models import InputError
+from trt_sd.models.descriptors import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
+
+from .checkpoint import Checkpoint
+
+#: diffusers clamps the VAE posterior's log-variance to this range before using it.
+LOGVAR_RANGE = (-30.0, 20.0)
+
+
+class TextEncoderWrapper(nn.Module):
+    """int32 token ids -> CLIP last hidden state (what SD 1.x / 2.x condition the UNet on)."""
+
+    def __init__(self, text_encoder: nn.Module) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.text_encoder(input_ids.to(torch.int64), return_dict=False)
+        return out[0]
+
+
+class UNetWrapper(nn.Module):
+    """One float32 timestep per batch row; returns the raw model output."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class VaeDecoderWrapper(nn.Module):
+    """post_quant_conv + decoder on latents already divided by the scaling factor."""
+
+    def __init__(self, vae: Any) -> None:  # diffusers AutoencoderKL
+        super().__init__()
+        self.post_quant_conv: nn.Module | None = getattr(vae, "post_quant_conv", None)
+        self.decoder: nn.Module = vae.decoder
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        if self.post_quant_conv is not None:
+            latent = self.post_quant_conv(latent)
+        return self.decoder(latent)
+
+
+class VaeEncoderWrapper(nn.Module):
+    """encoder + quant_conv: mean and log-variance concatenated on channels.
+
+    The log-variance half is clamped to diffusers' range, so the runtime samples
+    ``mean + exp(0.5 * logvar) * noise`` exactly as ``latent_dist.sample()`` does.
+    """
+
+    def __init__(self, vae: Any) -> None:  # diffusers AutoencoderKL
+        super().__init__()
+        self.encoder: nn.Module = vae.encoder
+        self.quant_conv: nn.Module | None = getattr(vae, "quant_conv", None)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        moments = self.encoder(images)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        mean, logvar = torch.chunk(moments, 2, dim=1)
+        return torch.cat([mean, logvar.clamp(*LOGVAR_RANGE)], dim=1)
+
+
+class ModuleLoader:
+    """Loads torch modules on demand (the UNet alone is GBs; load it only when exported).
+
+    Diffusers folders load one submodel at a time; a single file is converted by diffusers'
+    ``StableDiffusionPipeline.from_single_file`` with the configs of ``checkpoint.config_dir``
+    (``local_files_only``: nothing is fetched).
+    """
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.checkpoint = checkpoint
+        self._pipe: Any = None
+        _quiet_loaders()
+
+    def _single_file_pipe(self) -> Any:
+        if self._pipe is None:
+            from diffusers import StableDiffusionPipeline
+
+            ckpt = self.checkpoint
+            try:
+                self._pipe = StableDiffusionPipeline.from_single_file(
+                    str(ckpt.path),
+                    config=str(ckpt.config_dir),
+                    local_files_only=True,
+                    safety_checker=None,
+                    feature_extractor=None,
+                    requires_safety_checker=False,
+                )
+            except (OSError, ValueError, KeyError, RuntimeError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise InputError(
+                    f"{ckpt.path.name} could not be loaded as a Stable Diffusion checkpoint "
+                    f"with the configs of {ckpt.config_dir}: {first}"
+                ) from None
+        return self._pipe
+
+    def _submodel(self, sub: str) -> nn.Module:
+        """Load one submodel. Not cached, so each can be freed right after its export (the
+        VAE is read twice, for decoder and encoder: ~1 s for SD's 335 MB)."""
+        ckpt = self.checkpoint
+        if ckpt.kind == "single_file":
+            return getattr(self._single_file_pipe(), sub)
+        # None = prefer .safetensors, fall back to pickle weights (only when allowed).
+        use_st = None if ckpt.allow_pickle else True
+        folder = str(ckpt.path / sub)
+        try:
+            if sub == "text_encoder":
+                from transformers import CLIPTextModel
+
+                return CLIPTextModel.from_pretrained(folder, use_safetensors=use_st)
+            if sub == "unet":
+                from diffusers import UNet2DConditionModel
+
+                return UNet2DConditionModel.from_pretrained(folder, use_safetensors=use_st)
+            from diffusers import AutoencoderKL
+
+            return AutoencoderKL.from_pretrained(folder, use_safetensors=use_st)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(f"{folder} could not be loaded: {first}") from None
+
+    def wrapper(self, component: str) -> nn.Module:
+        """The descriptor-shaped fp32 module of one component, in eval mode."""
+        if component == TEXT_ENCODER:
+            mod: nn.Module = TextEncoderWrapper(self._submodel("text_encoder"))
+        elif component == UNET:
+            mod = UNetWrapper(self._submodel("unet"))
+        elif component == VAE_DECODER:
+            mod = VaeDecoderWrapper(self._submodel("vae"))
+        elif component == VAE_ENCODER:
+            mod = VaeEncoderWrapper(self._submodel("vae"))
+        else:
+            raise KeyError(component)
+        return mod.float().eval().requires_grad_(False)
+
+
+def _quiet_loaders() -> None:
+    """Silence diffusers' / transformers' own loading bars and notices: the export prints one
+    progress bar per component and a summary instead."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for lib in (diffusers_logging, transformers_logging):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+
+
+_NORMS = (nn.GroupNorm, nn.LayerNorm)
+
+
+def half_copy(module: nn.Module) -> nn.Module:
+    """An fp16 copy of ``module`` with its normalisation layers kept in fp32.
+
+    Group / layer norms compute means and variances over thousands of values, which overflow or
+    lose precision in fp16; every other op (convolutions, matmuls, attention) is what fp16
+    engines accelerate. Hooks cast each norm's input up and its output back, so the exported
+    graph holds explicit ``Cast`` nodes around fp32 normalisations. A copy, because rounding the
+    original's weights to fp16 and back would spoil it as the fp32 verification reference.
+    """
+    half = copy.deepcopy(module).half()
+    for sub in half.modules():
+        if isinstance(sub, _NORMS):
+            sub.float()
+            sub.register_forward_pre_hook(_inputs_to_fp32)
+            sub.register_forward_hook(_output_to_fp16)
+    return half
+
+
+def _inputs_to_fp32(_mod: nn.Module, args: tuple) -> tuple:
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def _output_to_fp16(_mod: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output.half()

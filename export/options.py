@@ -1,0 +1,87 @@
+"""Validated export options (standard library + trt_sd.models only).
+
+Both the Python API and the CLI go through :func:`resolve_options`, so a bad precision, backend,
+shape or opset is refused with the same one-line :class:`InputError` before torch is imported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trt_sd.models import BackendUnavailableError, InputError, Range
+from trt_sd.models.manifest import PRECISIONS
+
+BACKEND_CHOICES = ("auto", "onnxruntime", "tensorrt")
+#: Pixel sizes must be multiples of this whatever the VAE factor (SD's VAE downsamples 8x).
+PIXEL_MULTIPLE = 8
+#: Lowest opset: LayerNormalization is a single op from 17 on (TensorRT maps it to its
+#: normalization layer instead of a chain of reductions).
+MIN_OPSET = 17
+MAX_OPSET = 20  # the TorchScript exporter (see export.onnx_export) stops at 20
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Everything besides the model and output folder that determines an export."""
+
+    precision: str
+    backend: str
+    height: Range
+    width: Range
+    batch: Range
+    opset: int
+    vae_fp16: bool
+    allow_pickle: bool
+
+
+def _range(value: str | int | Range, what: str, multiple_of: int) -> Range:
+    if isinstance(value, Range):
+        return Range.parse(f"{value.min}:{value.opt}:{value.max}", what, multiple_of)
+    return Range.parse(value, what, multiple_of)
+
+
+def resolve_backend(backend: str) -> str:
+    """Map ``auto`` to a concrete backend and check that the requested one is usable here."""
+    if backend not in BACKEND_CHOICES:
+        raise InputError(f"unknown backend {backend!r}; choose from {', '.join(BACKEND_CHOICES)}")
+    if backend == "tensorrt":
+        from .tensorrt_build import require_tensorrt
+
+        require_tensorrt()  # raises with install instructions where TensorRT is absent
+        raise BackendUnavailableError(
+            "TensorRT engine builds are not part of this export stage yet; "
+            "export with --backend onnxruntime"
+        )
+    # `auto` means ONNX Runtime until TensorRT builds land.
+    return "onnxruntime"
+
+
+def resolve_options(
+    *,
+    precision: str = "fp32",
+    backend: str = "auto",
+    height: str | int | Range | None = None,
+    width: str | int | Range | None = None,
+    batch: str | int | Range = "1:4",
+    opset: int = 17,
+    vae_fp16: bool = False,
+    allow_pickle: bool = False,
+    default_size: int = 512,
+) -> ExportOptions:
+    """Check every option; ``height`` / ``width`` default to the model's native size."""
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if precision == "int8":
+        raise InputError("INT8 export is not available yet; use --precision fp32 or fp16 for now")
+    if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise InputError(f"opset must be an integer from {MIN_OPSET} to {MAX_OPSET}, got {opset!r}")
+    return ExportOptions(
+        precision=precision,
+        backend=resolve_backend(backend),
+        height=_range(default_size if height is None else height, "height", PIXEL_MULTIPLE),
+        width=_range(default_size if width is None else width, "width", PIXEL_MULTIPLE),
+        batch=_range(batch, "batch", 1),
+        opset=opset,
+        vae_fp16=bool(vae_fp16),
+        allow_pickle=bool(allow_pickle),
+    )
