@@ -67,13 +67,20 @@ def export_model(
     allow_pickle: bool = False,
     progress: bool = True,
     config: str | os.PathLike[str] | None = None,
+    trt_optimization_level: int = 3,
+    trt_version_compatible: bool = False,
+    trt_hardware_compatible: str = "none",
+    trt_static_shapes: bool = False,
 ) -> Manifest:
     """Export ``model`` (diffusers folder, single ``.safetensors``, or ``None`` for the bundled
     default) to ``out_dir`` (default: :func:`trt_sd.models.default_engine_dir`).
 
     ``height`` / ``width`` are ``H``, ``MIN:MAX`` or ``MIN:OPT:MAX`` pixels (default: the
     model's native size); ``batch`` is images per call. ``config`` is a local diffusers folder
-    supplying configs and tokenizer for a single-file checkpoint. Components whose inputs are
+    supplying configs and tokenizer for a single-file checkpoint. With the TensorRT backend
+    each verified ONNX graph is also built into an engine (``trt_*``: builder optimisation
+    level, version / hardware compatibility ``none|ampere+|same-cc``, static shapes for CUDA
+    graphs; see :mod:`trt_sd.export.tensorrt_build`). Components whose inputs are
     unchanged since the last export to ``out_dir`` are reused. Raises ``InputError`` for bad
     arguments, ``NumericalError`` (naming the component) when a graph fails verification.
     """
@@ -88,6 +95,10 @@ def export_model(
         vae_fp16=vae_fp16,
         allow_pickle=allow_pickle,
         default_size=ckpt.native_size,
+        trt_optimization_level=trt_optimization_level,
+        trt_version_compatible=trt_version_compatible,
+        trt_hardware_compatible=trt_hardware_compatible,
+        trt_static_shapes=trt_static_shapes,
     )
     shapes = ShapeRange(opts.batch, opts.height, opts.width, ckpt.vae_scale_factor)
     out = Path(default_engine_dir() if out_dir is None else out_dir).expanduser().absolute()
@@ -148,6 +159,7 @@ class _Builder:
                 "precision": self.precisions[name],
                 "opset": self.opts.opset,
                 "backend": self.opts.backend,
+                "tensorrt": _trt_settings(self.opts) if self.opts.backend == "tensorrt" else None,
                 "shape_range": self.shapes.to_dict(),
                 "tools": self.tools,
             }
@@ -159,10 +171,8 @@ class _Builder:
         entry = self.previous.components[name].to_dict()
         if entry.get("cache_key") != key or not engine_dir.files_intact(self.out, entry):
             return None
-        engine_dir.link_or_copy(self.out / entry["file"], self.build / entry["file"])
-        if entry.get("external_data"):
-            ext = entry["external_data"]["file"]
-            engine_dir.link_or_copy(self.out / ext, self.build / ext)
+        for fname, _ in engine_dir.entry_files(entry):
+            engine_dir.link_or_copy(self.out / str(fname), self.build / str(fname))
         return entry
 
     # ---- helpers used by build_component ------------------------------------------------------
@@ -224,7 +234,7 @@ def build_component(builder: _Builder, component: Component, key: str) -> dict[s
 
     name, precision = component.name, builder.precisions[component.name]
     ckpt, opts = builder.ckpt, builder.opts
-    bar = _Stages(name, builder.progress)
+    bar = _Stages(name, builder.progress, engine=opts.backend == "tensorrt")
     t0 = time.perf_counter()
     bar.stage("load")
     module = builder.loader().wrapper(name)
@@ -272,6 +282,9 @@ def build_component(builder: _Builder, component: Component, key: str) -> dict[s
     if ext.is_file():
         entry["external_data"] = {"file": ext.name, "sha256": sha256_file(ext)}
         entry["bytes"] += ext.stat().st_size
+    if opts.backend == "tensorrt":
+        bar.stage("engine")
+        entry.update(build_tensorrt_engine(builder, component, path, precision))
     entry["export_seconds"] = round(time.perf_counter() - t0, 2)
     bar.close(
         f"{name}: {precision} max error {record['max_rel_error']:.2e} relative "
@@ -280,19 +293,60 @@ def build_component(builder: _Builder, component: Component, key: str) -> dict[s
     return entry
 
 
+def _trt_settings(opts: ExportOptions) -> dict[str, Any]:
+    return {
+        "optimization_level": opts.trt_optimization_level,
+        "version_compatible": opts.trt_version_compatible,
+        "hardware_compatible": opts.trt_hardware_compatible,
+        "static_shapes": opts.trt_static_shapes,
+    }
+
+
+def build_tensorrt_engine(
+    builder: _Builder, component: Component, onnx_path: Path, precision: str
+) -> dict[str, Any]:
+    """Build (or take from the engine cache) the TensorRT engine of a verified ONNX graph and
+    place it in the engine directory; returns the manifest fields that change.
+
+    The ONNX graph stays beside the engine (``onnx_file``): it is what a rebuild on another
+    GPU or TensorRT version starts from.
+    """
+    from trt_sd.models.paths import cache_root
+
+    from .options import trt_build_options
+    from .tensorrt_build import build_engine
+
+    options = trt_build_options(builder.opts, precision)
+    result = build_engine(onnx_path, component, builder.shapes, options, cache_root() / "tensorrt")
+    engine_dir.link_or_copy(result.engine, builder.build / result.engine.name)
+    return {
+        "file": result.engine.name,
+        "sha256": sha256_file(result.engine),
+        "backend": "tensorrt",
+        "onnx_file": onnx_path.name,
+        "onnx_sha256": sha256_file(onnx_path),
+        "tensorrt_version": result.tensorrt_version,
+        "compute_capability": result.compute_capability,
+        "engine_cache_key": result.cache_key,
+        "build_seconds": round(result.seconds, 2),
+        "engine_bytes": result.size_bytes,
+        **_trt_settings(builder.opts),
+    }
+
+
 class _Stages:
     """A tqdm bar per component whose steps are the export stages."""
 
     STAGES = ("load", "torch", "export", "verify", "hash")
 
-    def __init__(self, name: str, enabled: bool) -> None:
+    def __init__(self, name: str, enabled: bool, engine: bool = False) -> None:
         self.name = name
         self.bar = None
         if enabled:
             from tqdm import tqdm
 
             self.bar = tqdm(
-                total=len(self.STAGES),
+                total=len(self.STAGES) + int(engine),
                 desc=f"{name:<12} {'':<6}",
                 file=sys.stderr,
                 bar_format="{desc} {bar:20} {n}/{total} [{elapsed}]",

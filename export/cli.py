@@ -48,6 +48,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="for a single .safetensors file: local diffusers folder with its configs and "
         "tokenizer",
     )
+    trt = parser.add_argument_group("TensorRT (with --backend tensorrt)")
+    trt.add_argument(
+        "--trt-opt-level", type=int, default=3, help="builder optimisation level 0-5 (default 3)"
+    )
+    trt.add_argument(
+        "--version-compatible",
+        action="store_true",
+        help="engines that load on later TensorRT 10.x runtimes (slightly slower)",
+    )
+    trt.add_argument(
+        "--hardware-compatible",
+        default="none",
+        help="none | ampere+ | same-cc: engines that run on other GPUs (default none)",
+    )
+    trt.add_argument(
+        "--static-shapes",
+        action="store_true",
+        help="fix every shape at its optimum so the runtime can capture CUDA graphs",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -67,6 +86,10 @@ def main(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
         progress=not args.quiet,
         config=args.config,
+        trt_optimization_level=args.trt_opt_level,
+        trt_version_compatible=args.version_compatible,
+        trt_hardware_compatible=args.hardware_compatible,
+        trt_static_shapes=args.static_shapes,
     )
     out = default_engine_dir() if args.out is None else args.out
     print(summary_table(manifest))

@@ -68,13 +68,21 @@ def previous_manifest(out_dir: Path) -> Manifest | None:
         return None
 
 
-def files_intact(out_dir: Path, entry_dict: dict[str, Any]) -> bool:
-    """Every file of a previous component entry exists and hashes to its recorded sha256."""
+def entry_files(entry_dict: dict[str, Any]) -> list[tuple[str | None, str | None]]:
+    """(file, sha256) of everything a component entry owns: the engine file, the ONNX
+    external-data file, and for TensorRT entries the ONNX graph the engine was built from."""
     files = [(entry_dict.get("file"), entry_dict.get("sha256"))]
     ext = entry_dict.get("external_data")
     if ext:
         files.append((ext.get("file"), ext.get("sha256")))
-    for name, digest in files:
+    if entry_dict.get("onnx_file"):
+        files.append((entry_dict["onnx_file"], entry_dict.get("onnx_sha256")))
+    return files
+
+
+def files_intact(out_dir: Path, entry_dict: dict[str, Any]) -> bool:
+    """Every file of a previous component entry exists and hashes to its recorded sha256."""
+    for name, digest in entry_files(entry_dict):
         if not name or not digest or not (out_dir / name).is_file():
             return False
         if sha256_file(out_dir / name) != digest:

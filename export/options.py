@@ -7,6 +7,7 @@ shape or opset is refused with the same one-line :class:`InputError` before torc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from trt_sd.models import BackendUnavailableError, InputError, Range
 from trt_sd.models.manifest import PRECISIONS
@@ -32,6 +33,12 @@ class ExportOptions:
     opset: int
     vae_fp16: bool
     allow_pickle: bool
+    #: TensorRT build settings (``tensorrt_build.BuildOptions`` minus the precision); used only
+    #: when ``backend == "tensorrt"``.
+    trt_optimization_level: int = 3
+    trt_version_compatible: bool = False
+    trt_hardware_compatible: str = "none"
+    trt_static_shapes: bool = False
 
 
 def _range(value: str | int | Range, what: str, multiple_of: int) -> Range:
@@ -44,15 +51,19 @@ def resolve_backend(backend: str) -> str:
     """Map ``auto`` to a concrete backend and check that the requested one is usable here."""
     if backend not in BACKEND_CHOICES:
         raise InputError(f"unknown backend {backend!r}; choose from {', '.join(BACKEND_CHOICES)}")
-    if backend == "tensorrt":
-        from .tensorrt_build import require_tensorrt
+    from .tensorrt_build import compute_capability, require_tensorrt
 
+    if backend == "tensorrt":
         require_tensorrt()  # raises with install instructions where TensorRT is absent
-        raise BackendUnavailableError(
-            "TensorRT engine builds are not part of this export stage yet; "
-            "export with --backend onnxruntime"
-        )
-    # `auto` means ONNX Runtime until TensorRT builds land.
+        compute_capability()  # and says so where there is no GPU to build for
+        return "tensorrt"
+    if backend == "auto":
+        try:
+            require_tensorrt()
+            compute_capability()
+        except BackendUnavailableError:
+            return "onnxruntime"
+        return "tensorrt"
     return "onnxruntime"
 
 
@@ -67,6 +78,10 @@ def resolve_options(
     vae_fp16: bool = False,
     allow_pickle: bool = False,
     default_size: int = 512,
+    trt_optimization_level: int = 3,
+    trt_version_compatible: bool = False,
+    trt_hardware_compatible: str = "none",
+    trt_static_shapes: bool = False,
 ) -> ExportOptions:
     """Check every option; ``height`` / ``width`` default to the model's native size."""
     if precision not in PRECISIONS:
@@ -75,7 +90,7 @@ def resolve_options(
         raise InputError("INT8 export is not available yet; use --precision fp32 or fp16 for now")
     if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise InputError(f"opset must be an integer from {MIN_OPSET} to {MAX_OPSET}, got {opset!r}")
-    return ExportOptions(
+    opts = ExportOptions(
         precision=precision,
         backend=resolve_backend(backend),
         height=_range(default_size if height is None else height, "height", PIXEL_MULTIPLE),
@@ -84,4 +99,24 @@ def resolve_options(
         opset=opset,
         vae_fp16=bool(vae_fp16),
         allow_pickle=bool(allow_pickle),
+        trt_optimization_level=trt_optimization_level,
+        trt_version_compatible=bool(trt_version_compatible),
+        trt_hardware_compatible=trt_hardware_compatible,
+        trt_static_shapes=bool(trt_static_shapes),
+    )
+    trt_build_options(opts, precision)  # validates the TensorRT settings whatever the backend
+    return opts
+
+
+def trt_build_options(opts: ExportOptions, precision: str) -> Any:
+    """The ``tensorrt_build.BuildOptions`` of one component (its precision may differ from the
+    export's: the VAE stays fp32 in fp16 exports)."""
+    from .tensorrt_build import BuildOptions
+
+    return BuildOptions(
+        precision=precision,
+        optimization_level=opts.trt_optimization_level,
+        version_compatible=opts.trt_version_compatible,
+        hardware_compatible=opts.trt_hardware_compatible,
+        static_shapes=opts.trt_static_shapes,
     )
