@@ -2,15 +2,20 @@
 
 Both step a 2x4x64x64 float32 latent (a CFG batch of one 512x512 image) with SD 1.5's scheduler
 config through the same 2nd-order steps of a long schedule; the model output is a fixed array,
-so only the sampler's own work is timed. Prints a small table and the ratio.
+so only the sampler's own work is timed.
 
-    python bench/bench_sampler_step.py [--steps-timed 400] [--repeats 7]
+Each step is timed on its own and the two samplers alternate in rounds (a fresh sampler per
+round), so background load hits both alike; the table gives per-step percentiles. On a shared
+machine the low percentiles are the steps no other process interrupted, and the ratio of like
+percentiles is the figure to compare (docs/benchmarks.md, "Sampler step").
+
+    python bench/bench_sampler_step.py [--steps-timed 400] [--rounds 8]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
 import time
 from collections.abc import Callable
 
@@ -30,32 +35,32 @@ SD15 = {
 SHAPE = (2, 4, 64, 64)
 WARMUP = 5
 STEPS = 500  # 2nd-order steps all along (>= 15 steps, no repeated timesteps)
+PERCENTILES = (10, 25, 50)
+
+Run = Callable[[int], None]
 
 
-def time_loop(
-    make_run: Callable[[], Callable[[int], None]], timed: int, repeats: int
-) -> list[float]:
-    """Microseconds per step for each repeat; each repeat uses a fresh sampler."""
-    per_step = []
-    for _ in range(repeats):
-        run = make_run()
-        for i in range(WARMUP):
-            run(i)
-        start = time.perf_counter()
-        for i in range(WARMUP, WARMUP + timed):
-            run(i)
-        per_step.append((time.perf_counter() - start) / timed * 1e6)
-    return per_step
+def time_steps(make_run: Callable[[], Run], timed: int) -> list[float]:
+    """Microseconds of each of ``timed`` steps of a fresh sampler (after a short warm-up)."""
+    run, clock = make_run(), time.perf_counter_ns
+    for i in range(WARMUP):
+        run(i)
+    times = []
+    for i in range(WARMUP, WARMUP + timed):
+        start = clock()
+        run(i)
+        times.append((clock() - start) / 1e3)
+    return times
 
 
-def ours(timed: int) -> Callable[[], Callable[[int], None]]:
+def ours() -> Callable[[], Run]:
     from trt_sd.samplers import stepper
 
     rng = np.random.default_rng(0)
     eps = rng.standard_normal(SHAPE).astype(np.float32)
     start = rng.standard_normal(SHAPE).astype(np.float32)
 
-    def make() -> Callable[[int], None]:
+    def make() -> Run:
         st = stepper("dpm++2m", SD15, STEPS)
         state = {"x": start}
 
@@ -67,7 +72,7 @@ def ours(timed: int) -> Callable[[], Callable[[int], None]]:
     return make
 
 
-def theirs(timed: int) -> Callable[[], Callable[[int], None]]:
+def theirs() -> Callable[[], Run]:
     import torch
     from diffusers import DPMSolverMultistepScheduler
 
@@ -75,7 +80,7 @@ def theirs(timed: int) -> Callable[[], Callable[[int], None]]:
     eps = torch.randn(SHAPE, generator=gen)
     start = torch.randn(SHAPE, generator=gen)
 
-    def make() -> Callable[[int], None]:
+    def make() -> Run:
         sched = DPMSolverMultistepScheduler.from_config(SD15)
         sched.set_timesteps(STEPS)
         timesteps = sched.timesteps
@@ -92,7 +97,7 @@ def theirs(timed: int) -> Callable[[], Callable[[int], None]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps-timed", type=int, default=400)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=8)
     args = parser.parse_args()
 
     import torch
@@ -101,26 +106,26 @@ def main() -> None:
         "diffusers DPMSolverMultistepScheduler.step (torch)",
         "trt_sd.samplers stepper('dpm++2m').step (numpy)",
     ]
-    makers = [theirs(args.steps_timed), ours(args.steps_timed)]
-    rows: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(args.repeats):  # interleaved, so background load hits both alike
-        for name, make in zip(names, makers, strict=False):
-            rows[name] += time_loop(make, args.steps_timed, 1)
+    makers = [theirs(), ours()]
+    times: dict[str, list[float]] = {name: [] for name in names}
+    load_before = os.getloadavg()[0]
+    for _ in range(args.rounds):  # interleaved, so background load hits both alike
+        for name, make in zip(names, makers, strict=True):
+            times[name] += time_steps(make, args.steps_timed)
+    load_after = os.getloadavg()[0]
     print(
-        f"DPM++ 2M step, latent {'x'.join(map(str, SHAPE))} float32, "
-        f"{args.steps_timed} steps x {args.repeats} repeats, torch threads "
-        f"{torch.get_num_threads()}"
+        f"DPM++ 2M step, latent {'x'.join(map(str, SHAPE))} float32, {args.rounds} rounds x "
+        f"{args.steps_timed} steps each, torch threads {torch.get_num_threads()}, "
+        f"load average {load_before:.2f} -> {load_after:.2f}"
     )
-    print(f"{'sampler':<52} {'median us':>10} {'min us':>8}")
-    medians, mins = [], []
-    for name, values in rows.items():
-        medians.append(statistics.median(values))
-        mins.append(min(values))
-        print(f"{name:<52} {medians[-1]:>10.1f} {mins[-1]:>8.1f}")
-    print(
-        f"ratio trt_sd / diffusers: median {medians[1] / medians[0]:.3f}, "
-        f"min {mins[1] / mins[0]:.3f}  (goal <= 0.1)"
-    )
+    head = "  ".join(f"{f'p{p} us':>8}" for p in PERCENTILES)
+    print(f"{'sampler':<52} {head}")
+    rows = {name: np.percentile(values, PERCENTILES) for name, values in times.items()}
+    for name, row in rows.items():
+        print(f"{name:<52} " + "  ".join(f"{v:>8.1f}" for v in row))
+    ratio = rows[names[1]] / rows[names[0]]
+    cells = ", ".join(f"p{p} {r:.3f}" for p, r in zip(PERCENTILES, ratio, strict=True))
+    print(f"ratio trt_sd / diffusers: {cells}  (goal <= 0.1)")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,11 @@ _COLUMNS = [
 _FOOTER = """\
 Names are case- and space-insensitive; append "Karras" or "Exponential" for those sigma
 spacings ("DPM++ 2M Karras"). Options: karras=, eta= (ddim, ancestral samplers), order= (where
-ORDER can vary), strength= (img2img), and any key of the sampler's diffusers scheduler config."""
+ORDER can vary), strength= (img2img), exact_timesteps= (DPM-Solver, UniPC: unrounded Karras
+timesteps), and any key of the sampler's diffusers scheduler config.
+Third-order multistep: dpm++3m and dpm-solver-3m (also dpm-solver with order=3) take the
+Taylor-consistent step and measure order 3; the -compat names (and dpm++ with order=3) keep
+diffusers' update, which halves the second-difference term and measures about 2."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -61,8 +61,7 @@ def _dpm(
     **extra: Any,
 ) -> SamplerInfo:
     fixed: dict[str, Any] = {"algorithm_type": algorithm, **extra.pop("fixed", {})}
-    params = {} if singlestep else {"exact_timesteps": False}
-    params.update(extra.pop("params", {}))
+    params = {"exact_timesteps": False, **extra.pop("params", {})}
     if order is not None:
         fixed["solver_order"] = order
     return SamplerInfo(
@@ -98,6 +97,10 @@ def _k(
 
 
 _TWO = "2 (1 on the last)"
+#: what makes a multistep third-order step measure order 3 (samplers/dpm_solver.py): the full
+#: second-difference term, and the model evaluated at the very sigma the update assumes
+_TRUE_D2 = 2.0
+_TRUE_3M = {"d2_scale": _TRUE_D2, "exact_timesteps": True}
 # fmt: off
 SAMPLERS: dict[str, SamplerInfo] = {s.name: s for s in [
     # _k(name, stepper, diffusers class, order, calls per step, stochastic, summary, aliases)
@@ -125,17 +128,24 @@ SAMPLERS: dict[str, SamplerInfo] = {s.name: s for s in [
     _k("lms", LMSStepper, "LMSDiscreteScheduler", 4, "1", False,
        "linear multistep in sigma (order= 1-4)", ("LMS", "k_lms", "LMSDiscreteScheduler"),
        params={"order": 4}, order_key="order"),
-    _dpm("dpm-solver", "dpmsolver", None, "DPM-Solver multistep, noise prediction (order= 1-3)",
-         ("dpm-solver-2m",)),
-    _dpm("dpm-solver-3m", "dpmsolver", 3, "DPM-Solver multistep 3rd order (diffusers' update)"),
+    _dpm("dpm-solver", "dpmsolver", None,
+         "DPM-Solver multistep, noise prediction (order= 1-3; 3 = dpm-solver-3m's update)",
+         ("dpm-solver-2m",), params={"d2_scale": _TRUE_D2}),
+    _dpm("dpm-solver-3m", "dpmsolver", 3,
+         "DPM-Solver multistep 3rd order, Taylor-consistent 2nd difference",
+         params=_TRUE_3M),
+    _dpm("dpm-solver-3m-compat", "dpmsolver", 3,
+         "DPM-Solver multistep 3rd order exactly as diffusers updates (measures ~2)"),
     _dpm("dpm-solver-2s", "dpmsolver", 2, "DPM-Solver singlestep 2nd order", singlestep=True),
     _dpm("dpm-solver-3s", "dpmsolver", 3, "DPM-Solver singlestep 3rd order", singlestep=True),
-    _dpm("dpm++", "dpmsolver++", None, "DPM-Solver++ multistep (order= 1-3, default 2 = 2M)",
+    _dpm("dpm++", "dpmsolver++", None,
+         "DPM-Solver++ multistep as diffusers' class (order= 1-3, default 2 = 2M; 3 = 3m-compat)",
          ("DPMSolverMultistepScheduler",)),
     _dpm("dpm++2m", "dpmsolver++", 2, "DPM-Solver++(2M)", ("DPM++ 2M", "k_dpmpp_2m")),
     _dpm("dpm++3m", "dpmsolver++", 3, "DPM-Solver++(3M), Taylor-consistent 2nd difference",
-         ("DPM++ 3M",), params={"d2_scale": 2.0, "exact_timesteps": True}),
-    _dpm("dpm++3m-compat", "dpmsolver++", 3, "DPM-Solver++(3M) exactly as diffusers updates"),
+         ("DPM++ 3M",), params=_TRUE_3M),
+    _dpm("dpm++3m-compat", "dpmsolver++", 3,
+         "DPM-Solver++(3M) exactly as diffusers updates (measures ~2)"),
     _dpm("dpm++2m-sde", "sde-dpmsolver++", 2, "DPM-Solver++(2M) SDE (midpoint)",
          ("DPM++ 2M SDE", "k_dpmpp_2m_sde"), fixed={"solver_type": "midpoint"}),
     _dpm("dpm++2m-sde-heun", "sde-dpmsolver++", 2, "DPM-Solver++(2M) SDE (heun)",
@@ -150,7 +160,8 @@ SAMPLERS: dict[str, SamplerInfo] = {s.name: s for s in [
        ("DPM++ 2S a", "k_dpmpp_2s_a", "dpmpp_2s_ancestral"), params={"eta": 1.0}),
     _k("unipc", UniPCStepper, "UniPCMultistepScheduler", 3, "1", False,
        "UniPC bh2: order-2 predictor + corrector (order= 1-3)",
-       ("UniPC", "uni_pc", "UniPCMultistepScheduler"), order_key="solver_order"),
+       ("UniPC", "uni_pc", "UniPCMultistepScheduler"), order_key="solver_order",
+       params={"exact_timesteps": False}),
 ]}
 # fmt: on
 

@@ -79,7 +79,8 @@ class GridRule:
     spacing: ``schedules.spaced_timesteps`` rule. karras_range: ``"spaced"`` takes the Karras /
     exponential end points from the spaced grid (Euler family), ``"table"`` from the whole
     training table (DPM-Solver, UniPC). round_karras: round the model timesteps of a Karras
-    grid (``"not_cosine"``: except for squaredcos_cap_v2, as DPMSolverMultistep does).
+    grid (``"not_cosine"``: except for squaredcos_cap_v2, as DPMSolverMultistep does); False
+    also keeps Lu-lambda timesteps unrounded.
     sigma_min_final: what ``final_sigmas_type="sigma_min"`` means on a Karras grid -
     ``"table"`` the training table's smallest sigma, ``"grid"`` the grid's own last sigma (UniPC).
     """
@@ -133,7 +134,7 @@ def build_grid(
     elif config.get("use_lu_lambdas"):
         lam_min, lam_max = float(log_sigmas[0]), float(log_sigmas[-1])
         sigmas = np.exp(lam_max + np.linspace(0, 1, n) * (lam_min - lam_max))
-        do_round = not cosine
+        do_round = rule.round_karras is not False and not cosine
     else:
         custom = False
     if custom:

@@ -3,7 +3,8 @@
 computed, so it gains an order without extra model calls.
 
 Both are linear in the stored outputs, so each step's weights (the rho vectors solved from
-the B(h) conditions) are precomputed; ``step`` corrects x, then predicts the next x.
+the B(h) conditions) are precomputed (samplers/vp.py); ``step`` corrects x, then predicts the
+next x. ``exact_timesteps=True`` hands the model unrounded Karras timesteps (see vp.py).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Any
 import numpy as np
 
 from .base import NoiseFn
-from .dpm_solver import Coeffs, _VPStepper, distinct_order, phi
+from .dpm_solver import phi
 from .sigmas import GridRule, vp_coefficients
+from .vp import Coeffs, VPSolverStepper, distinct_order
 
 UNIPC_RULE = GridRule("solver", "table", round_karras=True, sigma_min_final="grid")
 
@@ -37,7 +39,7 @@ def _rhs(hh: float, order: int, solver_type: str) -> tuple[float, float, np.ndar
     return h_phi_1, b_h, np.array(b)
 
 
-class UniPCStepper(_VPStepper):
+class UniPCStepper(VPSolverStepper):
     """UniPC with bh1 / bh2 B(h), data (``predict_x0``) or noise prediction."""
 
     rule = UNIPC_RULE
@@ -49,8 +51,9 @@ class UniPCStepper(_VPStepper):
         t_start: int,
         rng: np.random.Generator | None = None,
         noise_fn: NoiseFn | None = None,
+        exact_timesteps: bool = False,
     ) -> None:
-        super().__init__(config, steps, rng, noise_fn)
+        super().__init__(config, steps, rng, noise_fn, bool(config["predict_x0"]), exact_timesteps)
         solver = config["solver_type"]
         solver = "bh2" if solver in ("midpoint", "heun", "logrho") else solver
         if solver not in ("bh1", "bh2"):
@@ -59,7 +62,6 @@ class UniPCStepper(_VPStepper):
             )
         self.order = int(config["solver_order"])
         self._keep = self.order + 1  # the corrector also needs the output before the oldest
-        self._data = bool(config["predict_x0"])
         skip = {int(i) for i in (config.get("disable_corrector") or ())}
         self._predict: dict[int, Coeffs] = {}
         self._correct: dict[int, Coeffs | None] = {}
@@ -76,6 +78,10 @@ class UniPCStepper(_VPStepper):
                 o = 1
             self._predict[k] = self._predictor(k, o, solver)
             prev_order = o
+        self._predict_steps = {k: self._compile(k, c)[0] for k, c in self._predict.items()}
+        self._correct_steps = {
+            k: self._compile(k, c)[0] for k, c in self._correct.items() if c is not None
+        }
         self._last: np.ndarray | None = None
         self._finish_vp(t_start)
 
@@ -141,10 +147,9 @@ class UniPCStepper(_VPStepper):
         return cx, weights, 0.0
 
     def _step(self, model_output: np.ndarray, k: int, x: np.ndarray) -> np.ndarray:
-        self._convert(model_output, k, x, self._data)
-        corrector = self._correct[k]
+        history = self._push(model_output, k, x)
+        corrector = self._correct_steps.get(k)
         if corrector is not None and self._last is not None:
-            x = self._combine(corrector[0], self._last, corrector[1])
+            x = corrector([self._last, *history])
         self._last = x
-        cx, weights, _ = self._predict[k]
-        return self._combine(cx, x, weights)
+        return self._predict_steps[k]([x, *history])

@@ -16,9 +16,8 @@ Two details decide what is measured:
   integer timestep by default while their update assumes the unrounded Karras sigma. That
   mismatch does not shrink with the step count and caps the measured order (shown below).
   The orders of the update formulas themselves are measured with ``exact_timesteps=True``
-  (the default of ``dpm++3m``), where the model gets the timestep of the very sigma the update
-  uses, as diffusers' Euler/Heun do; UniPC has no such option, so for it this harness drives
-  the stepper and hands the model that timestep itself (``continuous=True``).
+  (the default of ``dpm++3m`` and ``dpm-solver-3m``), where the model gets the timestep of the
+  very sigma the update uses, as diffusers' Euler/Heun do.
 
 ``python -m pytest tests/test_sampler_order.py -s -q`` prints every number quoted in
 docs/quality.md ("Sampler accuracy (analytic)").
@@ -126,30 +125,13 @@ def sample_error(problem: Problem, st: Stepper, den: ExactDenoiser, out: np.ndar
 
 
 def run(
-    problem: Problem, name: str, steps: int, continuous: bool = False,
-    target: str = "through_last_step", **options: Any
+    problem: Problem, name: str, steps: int, target: str = "through_last_step", **options: Any
 ) -> tuple[float, Stepper, ExactDenoiser, np.ndarray]:
-    """Sample with ``name`` and return (error, stepper, denoiser, output); see
-    :func:`sample_error` for ``target``.
-
-    continuous=False: ``sample()``, exactly what users run. continuous=True: the same loop on
-    the stepper face, but the model gets the continuous timestep of the sigma the update uses
-    (one model call per grid sigma; for the DPM-Solver / UniPC steppers).
-    """
-    config = SD15_SCHEDULER_CONFIG
+    """Sample with ``name`` through ``sample()``, exactly what users run, and return (error,
+    stepper, denoiser, output); see :func:`sample_error` for ``target``."""
     den = ExactDenoiser(problem.mixture, problem.schedule)
-    st = stepper(name, config, steps, **options)
-    if continuous:
-        sigmas = getattr(st, "sigmas", None)
-        assert sigmas is not None, f"continuous mode needs a sigma-grid stepper ({name})"
-        assert st.num_model_calls == len(sigmas) - 1, f"continuous: one call per sigma ({name})"
-        x = st.prepare_noise(problem.noise)
-        batch = x.shape[0]
-        for i in range(st.num_model_calls):
-            t = problem.schedule.timestep_from_sigma(sigmas[i])
-            x = st.step(den(st.scale_model_input(x, i), np.full(batch, t)), i, x)
-    else:
-        x = sample(name, den, problem.noise, config, steps, **options)
+    st = stepper(name, SD15_SCHEDULER_CONFIG, steps, **options)
+    x = sample(name, den, problem.noise, SD15_SCHEDULER_CONFIG, steps, **options)
     return sample_error(problem, st, den, x, target), st, den, x
 
 
@@ -159,8 +141,8 @@ def measured_order(steps: tuple[int, ...], errors: list[float]) -> float:
 
 
 def order_of(problem: Problem, label: str, name: str, steps: tuple[int, ...],
-             continuous: bool, options: dict[str, Any]) -> tuple[float, list[float]]:
-    errors = [run(problem, name, n, continuous, **options)[0] for n in steps]
+             options: dict[str, Any]) -> tuple[float, list[float]]:
+    errors = [run(problem, name, n, **options)[0] for n in steps]
     order = measured_order(steps, errors)
     local = -np.diff(np.log(errors)) / np.diff(np.log(steps))
     print(f"\n  {label:28s} order {order:5.2f}  local {np.array2string(local, precision=2)}"
@@ -210,53 +192,64 @@ def test_reference_solution_is_converged(problem: Problem):
 # -- convergence orders ----------------------------------------------------------------------
 
 EXACT: dict[str, Any] = {**KARRAS, "exact_timesteps": True}
+HEUN: dict[str, Any] = {**EXACT, "solver_type": "heun"}
+#: singlestep third order repeats [1, 2, 3]-order steps: step counts divisible by 3 keep the
+#: lower-order tail the same for every N, so the local slopes are smooth
+SINGLESTEP3_STEPS = (21, 30, 42, 57, 81, 114, 159)
 ORDER_CASES = [
-    # label, sampler, expected order, steps, continuous (harness) timesteps, options
-    ("euler", "euler", 1, KARRAS_STEPS, False, {**KARRAS, "timestep_spacing": "linspace"}),
-    ("heun", "heun", 2, KARRAS_STEPS, False, {**KARRAS, "timestep_spacing": "linspace"}),
+    # label, sampler, expected order, steps, options
+    ("euler", "euler", 1, KARRAS_STEPS, {**KARRAS, "timestep_spacing": "linspace"}),
+    ("heun", "heun", 2, KARRAS_STEPS, {**KARRAS, "timestep_spacing": "linspace"}),
     # DDIM indexes the integer table and has no Karras option (nor does diffusers' class); it is
     # Euler in sigma on x~, so first order on any smooth fixed-end grid: its trailing grid.
-    ("ddim (trailing grid)", "ddim", 1, DDIM_STEPS, False, {"timestep_spacing": "trailing"}),
-    ("dpm++2m", "dpm++2m", 2, KARRAS_STEPS, False, EXACT),
-    ("dpm-solver order=2", "dpm-solver", 2, KARRAS_STEPS, False, {**EXACT, "order": 2}),
-    ("dpm++3m", "dpm++3m", 3, KARRAS_STEPS, False, KARRAS),  # exact timesteps by default
-    ("unipc (bh2, order 2 + UniC)", "unipc", 3, KARRAS_STEPS, True, KARRAS),
-    # diffusers' / the reference code's third-order update halves the second-difference term
-    # (samplers/dpm_solver.py): second order. The noise-prediction 3M uses the same update.
-    ("dpm++3m-compat", "dpm++3m-compat", 2, KARRAS_STEPS, False, EXACT),
-    ("dpm-solver order=3", "dpm-solver", 2, KARRAS_STEPS, False, {**EXACT, "order": 3}),
+    ("ddim (trailing grid)", "ddim", 1, DDIM_STEPS, {"timestep_spacing": "trailing"}),
+    ("dpm++2m", "dpm++2m", 2, KARRAS_STEPS, EXACT),
+    ("dpm-solver order=2", "dpm-solver", 2, KARRAS_STEPS, {**EXACT, "order": 2}),
+    ("dpm++3m", "dpm++3m", 3, KARRAS_STEPS, KARRAS),  # exact timesteps by default
+    ("dpm-solver-3m", "dpm-solver-3m", 3, KARRAS_STEPS, KARRAS),  # likewise
+    ("dpm-solver order=3", "dpm-solver", 3, KARRAS_STEPS, {**EXACT, "order": 3}),
+    ("unipc (bh2, order 2 + UniC)", "unipc", 3, KARRAS_STEPS, EXACT),
+    # diffusers' / the reference code's multistep third-order update halves the
+    # second-difference term (samplers/dpm_solver.py): second order
+    ("dpm++3m-compat", "dpm++3m-compat", 2, KARRAS_STEPS, EXACT),
+    ("dpm-solver-3m-compat", "dpm-solver-3m-compat", 2, KARRAS_STEPS, EXACT),
+    # singlestep: no such halving (samplers/dpm_solver.py)
+    ("dpm++2s", "dpm++2s", 2, KARRAS_STEPS, EXACT),
+    ("dpm-solver-2s", "dpm-solver-2s", 2, KARRAS_STEPS, EXACT),
+    ("dpm++3s (midpoint)", "dpm++3s", 3, SINGLESTEP3_STEPS, EXACT),
+    ("dpm++3s (heun)", "dpm++3s", 3, SINGLESTEP3_STEPS, HEUN),
+    ("dpm-solver-3s (midpoint)", "dpm-solver-3s", 3, SINGLESTEP3_STEPS, EXACT),
+    ("dpm-solver-3s (heun)", "dpm-solver-3s", 3, SINGLESTEP3_STEPS, HEUN),
 ]
 
 
 @pytest.mark.parametrize(
-    "label,name,expected,steps,continuous,options", ORDER_CASES, ids=[c[0] for c in ORDER_CASES]
+    "label,name,expected,steps,options", ORDER_CASES, ids=[c[0] for c in ORDER_CASES]
 )
-def test_convergence_order(problem: Problem, label, name, expected, steps, continuous, options):
-    order, _ = order_of(problem, label, name, steps, continuous, options)
+def test_convergence_order(problem: Problem, label, name, expected, steps, options):
+    order, _ = order_of(problem, label, name, steps, options)
     assert abs(order - expected) <= TOLERANCE, f"{label}: order {order:.2f}, expected {expected}"
 
 
-def test_continuous_harness_matches_exact_timesteps(problem: Problem):
-    """The harness's continuous timesteps (used for UniPC) are what ``exact_timesteps`` hands
-    (up to the library's float32 timesteps)."""
-    harness = run(problem, "dpm++2m", 40, continuous=True, **KARRAS)[0]
-    library = run(problem, "dpm++2m", 40, **EXACT)[0]
-    assert harness == pytest.approx(library, rel=1e-4)
-
-
-def test_published_third_order_update_is_clearly_below_three(problem: Problem):
-    true3, _ = order_of(problem, "dpm++3m", "dpm++3m", KARRAS_STEPS, False, KARRAS)
-    compat, _ = order_of(problem, "dpm++3m-compat", "dpm++3m-compat", KARRAS_STEPS, False, EXACT)
-    assert compat < 2.5 < true3
+@pytest.mark.parametrize(
+    "true3,compat",
+    [("dpm++3m", "dpm++3m-compat"), ("dpm-solver-3m", "dpm-solver-3m-compat")],
+    ids=["data prediction", "noise prediction"],
+)
+def test_published_third_order_update_is_clearly_below_three(problem: Problem, true3, compat):
+    order_true, _ = order_of(problem, true3, true3, KARRAS_STEPS, KARRAS)
+    order_compat, _ = order_of(problem, compat, compat, KARRAS_STEPS, EXACT)
+    assert order_compat < 2.5 < order_true
 
 
 def test_integer_timesteps_cap_the_order(problem: Problem):
     """diffusers-compatible timesteps (``exact_timesteps=False``, the default of every DPM-Solver
-    name but dpm++3m) round a Karras grid's timesteps, so the model is evaluated off the sigma
-    the update assumes and dpm++3m loses its third order (its convergence turns erratic)."""
-    rounded, err_r = order_of(problem, "dpm++3m, integer t", "dpm++3m", KARRAS_STEPS, False,
+    and UniPC name but dpm++3m and dpm-solver-3m) round a Karras grid's timesteps, so the model
+    is evaluated off the sigma the update assumes and dpm++3m loses its third order (its
+    convergence turns erratic)."""
+    rounded, err_r = order_of(problem, "dpm++3m, integer t", "dpm++3m", KARRAS_STEPS,
                               {**KARRAS, "exact_timesteps": False})
-    exact, err_c = order_of(problem, "dpm++3m, exact t", "dpm++3m", KARRAS_STEPS, False, KARRAS)
+    exact, err_c = order_of(problem, "dpm++3m, exact t", "dpm++3m", KARRAS_STEPS, KARRAS)
     print(f"  at {KARRAS_STEPS[-1]} steps: integer t {err_r[-1]:.2e} vs exact t {err_c[-1]:.2e}")
     assert rounded < exact - 0.4
     assert err_r[-1] > 2.0 * err_c[-1]

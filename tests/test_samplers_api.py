@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from trt_sd.samplers import SAMPLERS, cfg, describe_samplers, resolve, sample, stepper
+from trt_sd.samplers.base import LinearCombination
 
 SD15 = {
     "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -158,6 +159,47 @@ def test_returns_the_input_dtype(name, dtype) -> None:
     assert out.dtype == dtype and np.isfinite(out).all()
 
 
+@pytest.mark.parametrize(
+    "name", ["dpm++2m", "dpm++3m", "dpm-solver", "dpm++2m-sde", "dpm++3s", "unipc"]
+)
+def test_steps_return_new_arrays_and_leave_their_inputs_alone(name) -> None:
+    """The VP solvers reuse internal buffers across steps; what a step returns belongs to the
+    caller: no later step writes into it, and x / model_output are only read."""
+    st = stepper(name, SD15, 8, rng=np.random.default_rng(0))
+    x, kept = st.prepare_noise(noise()), []
+    for i, t in enumerate(st.timesteps):
+        out = denoiser(st.scale_model_input(x, i), np.full(2, t))
+        x_before, out_before = x.copy(), out.copy()
+        new = st.step(out, i, x)
+        assert not np.shares_memory(new, x) and not np.shares_memory(new, out)
+        np.testing.assert_array_equal(x, x_before)
+        np.testing.assert_array_equal(out, out_before)
+        kept.append((new, new.copy()))
+        x = new
+    for result, snapshot in kept:
+        np.testing.assert_array_equal(result, snapshot)
+
+
+def test_linear_combination_is_the_plain_sum() -> None:
+    rng = np.random.default_rng(5)
+    arrays = [rng.standard_normal((3, 5)) for _ in range(5)]
+    coefficients = [0.7, 0.0, 1.0, -2.5, 1e-3]
+    expected = sum(c * a for c, a in zip(coefficients, arrays, strict=True))
+    combination = LinearCombination(coefficients)
+    got = combination(arrays)
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, expected, rtol=1e-13, atol=1e-13)
+    singles: list = [a.astype(np.float32) for a in arrays]
+    singles[1] = None  # a weight-0 array is never read
+    got = combination(singles)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    out = np.empty((3, 5))
+    assert combination(arrays, out) is out
+    with pytest.raises(ValueError, match="no terms"):
+        LinearCombination([0.0, 0.0])
+
+
 def test_float64_and_float32_agree() -> None:
     a = sample("dpm++2m", denoiser, noise(np.float64), SD15, 10, karras=True)
     b = sample("dpm++2m", denoiser, noise(np.float32), SD15, 10, karras=True)
@@ -243,48 +285,79 @@ def test_lms_img2img_uses_the_slopes_it_has() -> None:
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-6, atol=1e-6)
 
 
-def test_dpmpp_3m_second_difference_integrates_quadratics_exactly() -> None:
-    """The derivation in dpm_solver's docstring: with x0-predictions m(tau) quadratic in
-    lambda, dpm++3m's third-order step equals the exact exponential integral; diffusers'
-    update (dpm++3m-compat) misses it by the halved D2 term."""
+THIRD_ORDER = [("dpm++3m", "dpm++3m-compat"), ("dpm-solver-3m", "dpm-solver-3m-compat")]
+
+
+@pytest.mark.parametrize("true3,compat", THIRD_ORDER)
+def test_third_order_second_difference_integrates_quadratics_exactly(true3, compat) -> None:
+    """The derivation in dpm_solver's docstring: with outputs m(tau) quadratic in lambda, the
+    true third-order step equals the exact exponential integral, for x0 (dpm++3m) and noise
+    (dpm-solver-3m) prediction; diffusers' update (-compat) misses it by the halved D2 term."""
 
     def p(tau: float) -> float:
         return 0.3 + 0.7 * tau - 0.9 * tau * tau
 
     errors = {}
-    for name in ("dpm++3m", "dpm++3m-compat"):
+    for name in (true3, compat):
         st = stepper(name, SD15, 20)
         k = 10
         _, weights, _ = st._plan[k]
         lam, h = st.lambdas, st.lambdas[k + 1] - st.lambdas[k]
         approx = sum(w * p(lam[k - j] - lam[k]) for j, w in enumerate(weights))
-        e = math.exp(-h)
-        moments = [1 - e, h - 1 + e, h * h - 2 * h + 2 - 2 * e]  # int_0^h e^(tau-h) tau^n
         alpha_t = 1 / math.sqrt(1 + st.sigmas[k + 1] ** 2)
-        exact = alpha_t * (0.3 * moments[0] + 0.7 * moments[1] - 0.9 * moments[2])
+        if name.startswith("dpm++"):  # alpha_t * int_0^h e^(tau-h) tau^n
+            e = math.expm1(-h)
+            scale, moments = alpha_t, [-e, h + e, h * h - 2 * h - 2 * e]
+        else:  # -sigma_t * int_0^h e^(h-tau) tau^n
+            e = math.expm1(h)
+            scale, moments = -alpha_t * st.sigmas[k + 1], [e, e - h, 2 * (e - h) - h * h]
+        exact = scale * (0.3 * moments[0] + 0.7 * moments[1] - 0.9 * moments[2])
         errors[name] = abs(approx - exact) / abs(exact)
-    assert errors["dpm++3m"] < 1e-10
-    assert errors["dpm++3m-compat"] > 1e-6
+    assert errors[true3] < 1e-10
+    assert errors[compat] > 1e-6
 
 
-def test_dpmpp_3m_variants_share_the_first_two_steps() -> None:
+@pytest.mark.parametrize("true3,compat", THIRD_ORDER)
+def test_third_order_variants_share_the_first_two_steps(true3, compat) -> None:
     runs = {}
-    for name in ("dpm++3m", "dpm++3m-compat"):
+    for name in (true3, compat):
         st, x, xs = stepper(name, SD15, 12), noise(), []
         for i, t in enumerate(st.timesteps):
             x = st.step(denoiser(x, np.full(2, t)), i, x)
             xs.append(x)
         runs[name] = xs
-    np.testing.assert_array_equal(runs["dpm++3m"][1], runs["dpm++3m-compat"][1])
-    assert np.abs(runs["dpm++3m"][2] - runs["dpm++3m-compat"][2]).max() > 1e-6
+    np.testing.assert_array_equal(runs[true3][1], runs[compat][1])
+    assert np.abs(runs[true3][2] - runs[compat][2]).max() > 1e-6
 
 
-def test_dpmpp_3m_hands_the_model_the_timestep_of_its_sigma() -> None:
-    st = stepper("dpm++3m", SD15, 10, karras=True)
-    compat = stepper("dpm++3m-compat", SD15, 10, karras=True)
-    assert st.timesteps.dtype == np.float32 and compat.timesteps.dtype == np.int64
-    np.testing.assert_allclose(st.timesteps, st.grid.t_of(st.grid.sigmas[:-1]), rtol=1e-6)
-    np.testing.assert_array_equal(compat.timesteps, np.round(st.timesteps).astype(np.int64))
+def test_dpm_solver_order_3_is_dpm_solver_3m_step() -> None:
+    """``dpm-solver`` with order=3 takes the true third-order step (not diffusers' update);
+    only the timesteps default differs from dpm-solver-3m."""
+    a = stepper("dpm-solver", SD15, 12, order=3)
+    b = stepper("dpm-solver-3m", SD15, 12, exact_timesteps=False)
+    assert a._plan == b._plan
+    assert a._plan != stepper("dpm-solver-3m-compat", SD15, 12)._plan
+
+
+@pytest.mark.parametrize(
+    "name,default_exact",
+    [
+        ("dpm++3m", True),
+        ("dpm-solver-3m", True),
+        ("dpm++3m-compat", False),
+        ("unipc", False),
+        ("dpm++3s", False),
+        ("dpm-solver", False),
+    ],
+)
+def test_exact_timesteps_hand_the_model_the_timestep_of_its_sigma(name, default_exact) -> None:
+    default = stepper(name, SD15, 10, karras=True)
+    exact = stepper(name, SD15, 10, karras=True, exact_timesteps=True)
+    rounded = stepper(name, SD15, 10, karras=True, exact_timesteps=False)
+    assert default.timesteps.dtype == (np.float32 if default_exact else np.int64)
+    assert exact.timesteps.dtype == np.float32 and rounded.timesteps.dtype == np.int64
+    np.testing.assert_allclose(exact.timesteps, exact.grid.t_of(exact.grid.sigmas[:-1]), rtol=1e-6)
+    np.testing.assert_array_equal(rounded.timesteps, np.round(exact.timesteps).astype(np.int64))
 
 
 def test_dpm_solver_to_sigma_zero_uses_the_finite_limit() -> None:

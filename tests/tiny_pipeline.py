@@ -37,10 +37,7 @@ SD21_SCHEDULER = {
     "clip_sample": False,
 }
 
-_WORDS = (
-    "a photo of an astronaut riding horse on the moon handwritten digit seven zero one two "
-    "three four five six eight nine number cat dog painting"
-).split()
+_WORDS = ["a", "photo", "of", "an", "astronaut", "riding", "horse", "on", "the", "moon", "handwritten", "digit", "seven", "zero", "one", "two", "three", "four", "five", "six", "eight", "nine", "number", "cat", "dog", "painting"]
 
 
 @lru_cache(maxsize=1)
@@ -67,7 +64,7 @@ def write_clip_tokenizer(folder: Path, words=_WORDS) -> None:
     vocab_list = chars + [c + "</w>" for c in chars]
     merges: list[tuple[str, str]] = []
     for word in dict.fromkeys(words):
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        symbols = [*list(word[:-1]), word[-1] + "</w>"]
         while len(symbols) > 1:  # merge left to right: a valid (if not optimal) BPE chain
             pair = (symbols[0], symbols[1])
             if pair not in merges:
