@@ -37,7 +37,34 @@ SD21_SCHEDULER = {
     "clip_sample": False,
 }
 
-_WORDS = ["a", "photo", "of", "an", "astronaut", "riding", "horse", "on", "the", "moon", "handwritten", "digit", "seven", "zero", "one", "two", "three", "four", "five", "six", "eight", "nine", "number", "cat", "dog", "painting"]
+_WORDS = [
+    "a",
+    "photo",
+    "of",
+    "an",
+    "astronaut",
+    "riding",
+    "horse",
+    "on",
+    "the",
+    "moon",
+    "handwritten",
+    "digit",
+    "seven",
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "eight",
+    "nine",
+    "number",
+    "cat",
+    "dog",
+    "painting",
+]
 
 
 @lru_cache(maxsize=1)
