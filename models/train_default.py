@@ -135,6 +135,15 @@ def build_scheduler() -> PNDMScheduler:
     )
 
 
+def _add_clip_sample_false(path: Path) -> None:
+    """SD 1.5's scheduler_config.json carries ``"clip_sample": false`` although PNDM ignores
+    it: swapped-in DDIM (whose default is True) would otherwise clip every x0 prediction to
+    [-1, 1], which wrecks latents of unit scale. Keep the key, as SD 1.5 does."""
+    config = json.loads(path.read_text("utf-8"))
+    config["clip_sample"] = False
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", "utf-8")
+
+
 def param_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -328,6 +337,7 @@ def save_model(
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out, safe_serialization=True)
+    _add_clip_sample_false(out / "scheduler" / "scheduler_config.json")
     # save_pretrained writes tokenizer.json; keep the classic CLIP files beside it too.
     write_clip_tokenizer(out / "tokenizer", digits.vocabulary_words())
     digits.save_holdout(out, holdout, log["recipe"]["seed"])
