@@ -18,17 +18,19 @@ from trt_sd.models import (
     COMPONENT_NAMES,
     SCHEMA_VERSION,
     Component,
+    InputError,
     Manifest,
     Range,
     ShapeRange,
     all_components,
     default_engine_dir,
 )
-from trt_sd.models.descriptors import VAE_DECODER, VAE_ENCODER
+from trt_sd.models.descriptors import UNET, VAE_DECODER, VAE_ENCODER
 
 from . import engine_dir
 from .checkpoint import TOKENIZER_FILES, Checkpoint, locate, sha256_file
 from .options import ExportOptions, resolve_options
+from .partition import build_unet_sections, resolve_unet_cut
 
 _TOOLS = ("trt-sd", "torch", "diffusers", "transformers", "onnx", "onnxscript", "onnxruntime")
 
@@ -45,7 +47,14 @@ def tool_versions() -> dict[str, str]:
 
 def component_precisions(opts: ExportOptions) -> dict[str, str]:
     """fp16 exports keep the VAE in fp32 unless asked: SD 1.x / 2.x VAEs overflow in fp16
-    (diffusers upcasts them too, ``force_upcast``)."""
+    (diffusers upcasts them too, ``force_upcast``). INT8 exports quantize the UNet only; the
+    text encoder stays fp32 and the VAE fp32 (fp16 with ``vae_fp16``)."""
+    if opts.precision == "int8":
+        vae = "fp16" if opts.vae_fp16 else "fp32"
+        return {
+            name: "int8" if name == UNET else vae if name in (VAE_DECODER, VAE_ENCODER) else "fp32"
+            for name in COMPONENT_NAMES
+        }
     vae = opts.precision if opts.vae_fp16 else "fp32"
     return {
         name: vae if name in (VAE_DECODER, VAE_ENCODER) else opts.precision
@@ -71,6 +80,9 @@ def export_model(
     trt_version_compatible: bool = False,
     trt_hardware_compatible: str = "none",
     trt_static_shapes: bool = False,
+    int8: Any = None,
+    split_unet: int | None = None,
+    deepcache: int | None = None,
 ) -> Manifest:
     """Export ``model`` (diffusers folder, single ``.safetensors``, or ``None`` for the bundled
     default) to ``out_dir`` (default: :func:`trt_sd.models.default_engine_dir`).
@@ -81,7 +93,12 @@ def export_model(
     each verified ONNX graph is also built into an engine (``trt_*``: builder optimisation
     level, version / hardware compatibility ``none|ampere+|same-cc``, static shapes for CUDA
     graphs; see :mod:`trt_sd.export.tensorrt_build`). Components whose inputs are
-    unchanged since the last export to ``out_dir`` are reused. Raises ``InputError`` for bad
+    unchanged since the last export to ``out_dir`` are reused. ``int8`` (precision ``int8``
+    only) is a :class:`trt_sd.export.int8.Int8Recipe` or a dict of its fields (calibration
+    prompts / size / steps, calibrator, QAT, Q/DQ flavour, ...). ``split_unet=N`` exports the
+    UNet as N pipeline stages (``unet_stage0..``) for multi-device runs; ``deepcache=B`` adds
+    the DeepCache feature output at skip branch ``B`` (0 = shallowest) to the UNet and a shallow
+    UNet (see :mod:`trt_sd.export.partition`). Raises ``InputError`` for bad
     arguments, ``NumericalError`` (naming the component) when a graph fails verification.
     """
     ckpt = locate(model, config=config, allow_pickle=allow_pickle)
@@ -101,12 +118,14 @@ def export_model(
         trt_static_shapes=trt_static_shapes,
     )
     shapes = ShapeRange(opts.batch, opts.height, opts.width, ckpt.vae_scale_factor)
+    int8_recipe = _int8_recipe(int8, opts, ckpt, shapes)
+    unet_cut = resolve_unet_cut(split_unet, deepcache, opts.precision, ckpt)
     out = Path(default_engine_dir() if out_dir is None else out_dir).expanduser().absolute()
     engine_dir.check_output_dir(out)
     engine_dir.remove_stale_builds(out)
     build = engine_dir.new_build_dir(out)
     try:
-        _Builder(ckpt, opts, shapes, out, build, progress).run()
+        _Builder(ckpt, opts, shapes, out, build, progress, int8_recipe, unet_cut).run()
         engine_dir.publish(build, out)
     except BaseException:
         engine_dir.discard(build)
@@ -125,9 +144,15 @@ class _Builder:
         out: Path,
         build: Path,
         progress: bool,
+        int8: Any = None,
+        unet_cut: tuple[int | None, int | None] | None = None,
     ) -> None:
         self.ckpt, self.opts, self.shapes = ckpt, opts, shapes
         self.out, self.build, self.progress = out, build, progress
+        self.int8 = int8  # ResolvedRecipe for precision int8
+        self.quantization: dict[str, Any] | None = None  # set by the INT8 UNet build
+        self.unet_cut = unet_cut  # (split_unet, deepcache branch) when the UNet is cut
+        self.unet_records: dict[str, Any] = {}  # unet_partition / unet_deepcache
         self.tools = tool_versions()
         self.precisions = component_precisions(opts)
         self.previous = engine_dir.previous_manifest(out)
@@ -138,11 +163,18 @@ class _Builder:
         components = all_components(self.ckpt.dims)
         entries, reused = {}, []
         for name in COMPONENT_NAMES:
+            if name == UNET and self.unet_cut is not None:
+                sections, self.unet_records, was_reused = build_unet_sections(self, *self.unet_cut)
+                entries.update(sections)
+                reused += list(sections) if was_reused else []
+                continue
             key = self._cache_key(name)
             entry = self._reusable(name, key)
             if entry is not None:
                 reused.append(name)
                 self._log(f"{name}: unchanged, reused from {self.out}")
+                if name == UNET and self.int8 is not None and self.previous is not None:
+                    self.quantization = self.previous.quantization
             else:
                 entry = build_component(self, components[name], key)
             entries[name] = entry
@@ -152,8 +184,10 @@ class _Builder:
 
     # ---- reuse ------------------------------------------------------------------------------
     def _cache_key(self, name: str) -> str:
+        int8 = {"int8": self.int8.to_dict()} if name == UNET and self.int8 is not None else {}
         return engine_dir.cache_key(
             {
+                **int8,
                 "weights": self.ckpt.weights_hash(name),
                 "component": name,
                 "precision": self.precisions[name],
@@ -215,7 +249,8 @@ class _Builder:
             "tokenizer": ckpt.tokenizer_entry(),
             "defaults": ckpt.defaults(),
             "unet_partition": None,
-            "quantization": None,
+            **self.unet_records,
+            "quantization": self.quantization,
             "export": {
                 "precision": self.opts.precision,
                 "vae_fp16": self.opts.vae_fp16,
@@ -233,6 +268,10 @@ def build_component(builder: _Builder, component: Component, key: str) -> dict[s
     from .verify import random_inputs, torch_reference, verification_sizes, verify
 
     name, precision = component.name, builder.precisions[component.name]
+    if precision == "int8":
+        from .int8.build import build_int8_component
+
+        return build_int8_component(builder, component, key)
     ckpt, opts = builder.ckpt, builder.opts
     bar = _Stages(name, builder.progress, engine=opts.backend == "tensorrt")
     t0 = time.perf_counter()
@@ -291,6 +330,17 @@ def build_component(builder: _Builder, component: Component, key: str) -> dict[s
         f"({record['max_abs_error']:.2e} abs, tolerance {record['tolerance']:g})"
     )
     return entry
+
+
+def _int8_recipe(value: Any, opts: ExportOptions, ckpt: Checkpoint, shapes: ShapeRange) -> Any:
+    """The resolved INT8 recipe (checked, memory estimated) for precision int8, else None."""
+    if opts.precision != "int8":
+        if value is not None:
+            raise InputError("INT8 options (calibration, --qat, ...) need --precision int8")
+        return None
+    from .int8.preflight import prepare_int8
+
+    return prepare_int8(value, ckpt, shapes, opts.backend)
 
 
 def _trt_settings(opts: ExportOptions) -> dict[str, Any]:

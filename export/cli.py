@@ -10,6 +10,8 @@ import argparse
 
 from trt_sd.models import Manifest, default_engine_dir
 
+from .int8.cli_args import add_int8_arguments, describe, int8_options
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -67,6 +69,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="fix every shape at its optimum so the runtime can capture CUDA graphs",
     )
+    add_int8_arguments(parser)
+    unet = parser.add_argument_group("UNet sections")
+    unet.add_argument(
+        "--split-unet",
+        type=int,
+        metavar="N",
+        help="export the UNet as N pipeline stages, for `trt-sd run --devices` on N devices",
+    )
+    unet.add_argument(
+        "--deepcache",
+        type=int,
+        nargs="?",
+        const=0,
+        metavar="BRANCH",
+        help="add DeepCache: the UNet also returns the feature at skip BRANCH (default 0, the "
+        "shallowest) and a shallow UNet reads it; run with `--deepcache N`",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -90,9 +109,12 @@ def main(args: argparse.Namespace) -> int:
         trt_version_compatible=args.version_compatible,
         trt_hardware_compatible=args.hardware_compatible,
         trt_static_shapes=args.static_shapes,
+        int8=int8_options(args),
+        split_unet=args.split_unet,
+        deepcache=args.deepcache,
     )
     out = default_engine_dir() if args.out is None else args.out
-    print(summary_table(manifest))
+    print(summary_table(manifest) + describe(manifest.quantization))
     hint = "trt-sd run" if args.out is None else f"trt-sd run --engines {out}"
     print(f"\nengine directory: {out}\nnext: {hint}")
     return 0

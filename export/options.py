@@ -86,8 +86,6 @@ def resolve_options(
     """Check every option; ``height`` / ``width`` default to the model's native size."""
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
-    if precision == "int8":
-        raise InputError("INT8 export is not available yet; use --precision fp32 or fp16 for now")
     if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise InputError(f"opset must be an integer from {MIN_OPSET} to {MAX_OPSET}, got {opset!r}")
     opts = ExportOptions(

@@ -115,7 +115,15 @@ class ShapeRange:
                     )
 
     def axis(self, symbol: str) -> Range:
-        """The min/opt/max range of one axis symbol (see module docstring)."""
+        """The min/opt/max range of one axis symbol (see module docstring).
+
+        ``symbol/k`` is ``symbol`` divided by ``k`` rounded up: the lower resolutions inside
+        the UNet that a UNet stage's inputs have (:mod:`trt_sd.models.unet_stages`).
+        """
+        if "/" in symbol:
+            base, divisor = symbol.split("/")
+            r, k = self.axis(base), int(divisor)
+            return Range(-(-r.min // k), -(-r.opt // k), -(-r.max // k))
         f = self.vae_scale_factor
         if symbol == "batch":
             return self.batch

@@ -82,7 +82,6 @@ def test_pickle_weights_inside_a_folder_are_refused(tmp_path, capsys, model_dir)
         (["--width", "64:32"], "greater than MAX"),
         (["--batch", "0:2"], "positive"),
         (["--precision", "int4"], "unknown precision"),
-        (["--precision", "int8"], "not available yet"),
         (["--backend", "cuda"], "unknown backend"),
         (["--opset", "13"], "opset"),
     ],

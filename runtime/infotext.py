@@ -1,0 +1,208 @@
+"""Generation parameters inside PNGs, in the Stable Diffusion WebUI "infotext" format.
+
+The text goes in a PNG text chunk named ``parameters`` (tEXt; Pillow writes iTXt instead when
+the text is not Latin-1, e.g. an emoji prompt, exactly as the WebUI's own Pillow call does)::
+
+    a photo of a cat
+    Negative prompt: blurry
+    Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 1, Size: 512x512, Model hash: \
+abcdef1234, Model: name
+
+(one line; wrapped here).
+
+Format details follow AUTOMATIC1111's ``create_infotext`` / ``parse_generation_parameters``:
+the negative-prompt line only when there is one; ``Size`` is width x height; values containing
+``,``, ``:`` or a newline are JSON-quoted; ``Model`` has ``,`` and ``:`` removed; the sampler is
+the WebUI's display name with a `` Karras`` suffix for Karras sigmas (newer WebUIs write
+``Schedule type: Karras`` instead, which the parser also reads).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from trt_sd.models.errors import InputError
+
+PNG_KEY = "parameters"
+TOOL_VERSION_KEY = "Version"
+
+#: Sampler display names of the Stable Diffusion WebUI (AUTOMATIC1111 / Forge). A trt-sd sampler
+#: is written under the first of its registry aliases found here, else under its own name.
+WEBUI_SAMPLERS = (
+    "Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ 2M", "DPM++ SDE",
+    "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE", "DDIM", "PLMS", "UniPC", "LCM", "DDPM",
+)  # fmt: skip
+#: ``dpm++`` has no fixed order; with the scheduler default (solver_order 2) it is DPM++ 2M.
+_EXTRA_LABELS = {"dpm++": "DPM++ 2M"}
+
+# AUTOMATIC1111's modules/infotext_utils.py
+_RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_RE_SIZE = re.compile(r"^(\d+)x(\d+)$")
+
+
+def _quote(value: Any) -> str:
+    text = str(value)
+    if "," not in text and "\n" not in text and ":" not in text:
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _unquote(text: str) -> str:
+    if len(text) < 2 or text[0] != '"' or text[-1] != '"':
+        return text
+    try:
+        return str(json.loads(text))
+    except json.JSONDecodeError:
+        return text
+
+
+def webui_sampler_name(sampler: str, karras: bool | None) -> str:
+    """``("dpm++2m", True)`` -> ``"DPM++ 2M Karras"``."""
+    from trt_sd.samplers import SAMPLERS
+
+    info = SAMPLERS.get(sampler)
+    aliases = info.aliases if info is not None else ()
+    name = next((a for a in aliases if a in WEBUI_SAMPLERS), _EXTRA_LABELS.get(sampler, sampler))
+    return f"{name} Karras" if karras else name
+
+
+def parse_webui_sampler(text: str) -> tuple[str, bool | None]:
+    """``"DPM++ 2M Karras"`` -> ``("dpm++2m", True)``; a name trt-sd does not know passes
+    through unchanged (the pipeline then reports it with the valid choices)."""
+    from trt_sd.samplers import resolve
+
+    try:
+        canonical, implied = resolve(text)
+    except ValueError:
+        return text.strip(), None
+    return canonical, (True if implied.get("use_karras_sigmas") else None)
+
+
+def format_infotext(params: dict[str, Any], index: int = 0, version: str = "") -> str:
+    """Infotext of image ``index`` of a result (its own seed is ``params["seeds"][index]``)."""
+
+    def pick(key: str) -> Any:
+        value = params[key]
+        return value[index] if isinstance(value, list) else value
+
+    fields: dict[str, Any] = {
+        "Steps": params["steps"],
+        "Sampler": webui_sampler_name(params["sampler"], params.get("karras")),
+        "Schedule type": (
+            "Exponential"
+            if (params.get("sampler_options") or {}).get("use_exponential_sigmas")
+            else None
+        ),
+        "CFG scale": params["guidance"],
+        "Seed": params["seeds"][index],
+        "Size": f"{params['width']}x{params['height']}",
+        "Model hash": str(params.get("model_hash", ""))[:10] or None,
+        "Model": str(params.get("model", "")).replace(",", "").replace(":", "") or None,
+        "Denoising strength": params.get("strength"),
+        "Eta": params.get("eta"),
+        "Guidance rescale": params.get("guidance_rescale") or None,
+        TOOL_VERSION_KEY: version or None,
+    }
+    body = ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None)
+    negative = pick("negative_prompt")
+    negative_text = f"\nNegative prompt: {negative}" if negative else ""
+    return f"{pick('prompt')}{negative_text}\n{body}".strip()
+
+
+def parse_infotext(text: str) -> dict[str, Any]:
+    """Infotext -> Pipeline keyword arguments (prompt, negative_prompt, sampler, karras, steps,
+    guidance, seed, width, height, strength, eta, guidance_rescale, sampler_options) plus
+    ``model_hash`` / ``model`` when present."""
+    *lines, last = text.strip().split("\n")
+    if len(_RE_PARAM.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    prompt: list[str] = []
+    negative: list[str] = []
+    in_negative = False
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:") :].strip()
+        (negative if in_negative else prompt).append(line)
+    raw = {k: _unquote(v) for k, v in _RE_PARAM.findall(last)}
+    out: dict[str, Any] = {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative)}
+    try:
+        if "Sampler" in raw:
+            out["sampler"], out["karras"] = parse_webui_sampler(raw["Sampler"])
+        schedule = raw.get("Schedule type", "").strip().lower()
+        if schedule == "karras":
+            out["karras"] = True
+        elif schedule == "exponential":
+            out["sampler_options"] = {"use_exponential_sigmas": True}
+        conversions = {
+            "Steps": ("steps", int),
+            "CFG scale": ("guidance", float),
+            "Seed": ("seed", int),
+            "Denoising strength": ("strength", float),
+            "Eta": ("eta", float),
+            "Guidance rescale": ("guidance_rescale", float),
+            "Model hash": ("model_hash", str),
+            "Model": ("model", str),
+        }
+        for key, (name, cast) in conversions.items():
+            if key in raw:
+                out[name] = cast(raw[key])
+        if "Size" in raw:
+            size = _RE_SIZE.match(raw["Size"].strip())
+            if size is None:
+                raise ValueError(f"Size {raw['Size']!r} is not WIDTHxHEIGHT")
+            out["width"], out["height"] = int(size.group(1)), int(size.group(2))
+    except ValueError as e:
+        raise InputError(f"unreadable generation parameters: {e}") from None
+    return out
+
+
+def save_png(file: BinaryIO, image: np.ndarray, infotext: str) -> None:
+    """Encode an RGB uint8 image with its infotext as PNG into an open binary file (a service
+    answers with these bytes, ``trt-sd run`` writes them to disk)."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(PNG_KEY, infotext)
+    Image.fromarray(image, "RGB").save(file, format="PNG", pnginfo=info)
+
+
+def write_png(path: str | os.PathLike[str], image: np.ndarray, infotext: str) -> Path:
+    """Write an RGB uint8 image with its infotext, atomically (temp file + rename), so a
+    crash or a full disk never leaves a truncated PNG under the final name."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            save_png(f, image, infotext)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_infotext(path: str | os.PathLike[str]) -> str:
+    """The ``parameters`` text of a PNG; InputError if the file has none."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            text = im.info.get(PNG_KEY)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{str(path)!r} is not a readable PNG: {e}") from None
+    if not isinstance(text, str) or not text.strip():
+        raise InputError(f"{str(path)!r} carries no generation parameters (no 'parameters' text)")
+    return text

@@ -1,0 +1,407 @@
+"""Text-to-image and image-to-image generation from an engine directory.
+
+Load once (:meth:`Pipeline.load`), call many times, from many threads: a call keeps all its
+state (noise, sampler, latents, timings) in local variables, and the engines are thread-safe.
+
+How noise is drawn from a seed: see :mod:`trt_sd.runtime.noise`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trt_sd.models.descriptors import (
+    TEXT_ENCODER,
+    UNET,
+    VAE_DECODER,
+    VAE_ENCODER,
+    Component,
+    all_components,
+)
+from trt_sd.models.errors import InputError, ManifestError, NumericalError
+from trt_sd.models.manifest import Manifest
+from trt_sd.models.paths import default_engine_dir
+from trt_sd.models.unet_stages import UNET_SHALLOW
+
+from .backends import EngineBackend, create_backend
+from .chains import run_chains
+from .deepcache import DeepCacheConfig, DeepCacheState, deepcache_components, resolve_deepcache
+from .images import image_size, load_image, to_uint8
+from .multidevice import StagedUNet, place
+from .noise import initial_noise, posterior_sample, sampler_noise_fn
+from .progress import ProgressArg, progress_reporter
+from .request import DEFAULT_SAMPLER, Request, build_request
+from .tokenizer import ClipTokenizer
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What one call produced."""
+
+    images: list[np.ndarray]  # HxWx3 uint8 RGB, one per batch entry
+    timings: dict[str, float]  # seconds per component (+ "total")
+    unet_calls: int
+    params: dict[str, Any] = field(default_factory=dict)  # the resolved request
+
+
+def _check_finite(name: str, value: np.ndarray, detail: str = "") -> None:
+    if np.isfinite(value).all():
+        return
+    hint = {
+        VAE_DECODER: (
+            "; the fp16 SD VAE overflows on some latents: use the fp32 VAE "
+            "(re-export without --vae-fp16)"
+        ),
+        VAE_ENCODER: (
+            "; the fp16 SD VAE overflows on some images: use the fp32 VAE "
+            "(re-export without --vae-fp16)"
+        ),
+        TEXT_ENCODER: "; export the text encoder in fp32",
+    }.get(name, "; try an fp32 export")
+    raise NumericalError(f"{name} produced NaN or inf{detail}{hint}")
+
+
+def _samplers() -> Any:
+    import trt_sd.samplers as samplers
+
+    return samplers
+
+
+def resolve_sampler(name: str) -> tuple[str, dict[str, Any]]:
+    """(canonical sampler name, options the name implies such as Karras sigmas); InputError
+    listing the choices for an unknown name."""
+    try:
+        canonical, implied = _samplers().resolve(name)
+    except (KeyError, ValueError) as e:
+        raise InputError(str(e.args[0]) if e.args else f"unknown sampler {name!r}") from None
+    return str(canonical), dict(implied)
+
+
+class Pipeline:
+    """Engines + tokenizer + scheduler config of one engine directory."""
+
+    #: default DeepCache setting of calls (set by :meth:`load`; None = no cache)
+    deepcache: DeepCacheConfig | None = None
+
+    def __init__(
+        self,
+        engine_dir: Path,
+        manifest: Manifest,
+        engines: dict[str, EngineBackend],
+        tokenizer: ClipTokenizer,
+    ) -> None:
+        self.engine_dir = engine_dir
+        self.manifest = manifest
+        self.engines = engines
+        self.tokenizer = tokenizer
+        self.components: dict[str, Component] = all_components(manifest.dims)
+        config = manifest.scheduler_config
+        config["prediction_type"] = manifest.prediction_type  # the manifest is authoritative
+        self.scheduler_config = config
+
+    @classmethod
+    def load(
+        cls,
+        engine_dir: str | os.PathLike[str] | None = None,
+        backend: str = "auto",
+        devices: int | str | Sequence[int | str] | None = None,
+        deepcache: Any = None,
+    ) -> Pipeline:
+        """Validate ``engine_dir/manifest.json`` and load every engine (default directory:
+        :func:`trt_sd.models.default_engine_dir`). ``devices``: the GPU to run on (one id or a
+        one-element list; None = GPU 0 on GPU backends); for engines exported with
+        ``--split-unet N``, up to N devices (``["cuda:0", "cuda:1"]``, ``"cpu,cpu"``) that run
+        the UNet stages concurrently (:mod:`trt_sd.runtime.multidevice`). ``deepcache``: the
+        default cache interval of calls on engines exported with ``--deepcache``
+        (:mod:`trt_sd.runtime.deepcache`)."""
+        path = Path(engine_dir) if engine_dir is not None else default_engine_dir()
+        manifest = Manifest.load(path)
+        placement = place(manifest, devices)
+        default_cache = resolve_deepcache(manifest, deepcache)
+        components = {**all_components(manifest.dims), **deepcache_components(manifest)}
+        engines: dict[str, Any] = {
+            name: create_backend(backend, path, components[name], entry, placement.device_id)
+            for name, entry in manifest.components.items()
+            if name in components
+        }
+        if manifest.unet_partition:
+            engines[UNET] = StagedUNet.load(path, manifest, backend, placement.stages)
+        tokenizer = ClipTokenizer.from_engine_dir(
+            path, manifest.tokenizer, manifest.dims.text_max_length
+        )
+        if tokenizer.max_length != manifest.dims.text_max_length:
+            raise ManifestError(
+                f"tokenizer max_length {tokenizer.max_length} differs from the text encoder's "
+                f"input length {manifest.dims.text_max_length}"
+            )
+        pipe = cls(path, manifest, engines, tokenizer)
+        pipe.deepcache = default_cache
+        return pipe
+
+    @property
+    def backend(self) -> str:
+        kinds = sorted({e.kind for e in self.engines.values()})
+        return "+".join(kinds)
+
+    # ---- one generation ---------------------------------------------------------------------
+    def __call__(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        negative_prompt: str | Sequence[str] = "",
+        sampler: str = DEFAULT_SAMPLER,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        batch: int = 1,
+        latents: np.ndarray | None = None,
+        image: Any = None,
+        strength: float | None = None,
+        karras: bool | None = None,
+        eta: float | None = None,
+        progress: ProgressArg = None,
+        guidance_rescale: float = 0.0,
+        sampler_options: dict[str, Any] | None = None,
+        deepcache: Any = None,
+    ) -> GenerationResult:
+        """Generate ``batch`` images. Unset arguments come from the manifest's defaults.
+
+        ``latents``: initial noise (batch, C, h, w), standard normal and unscaled, like
+        diffusers' ``latents=`` (it sets height / width when those are unset). ``image`` (path,
+        PIL image or uint8 array) switches to img2img
+        with ``strength`` (default 0.8); its size sets height / width when those are unset.
+        ``progress``: True for a tqdm bar on stderr, or a callable ``(done, total)``.
+        ``deepcache``: cache interval N (``0`` off; default: the one given to :meth:`load`).
+        """
+        start = time.perf_counter()
+        cache_config = (
+            self.deepcache if deepcache is None else resolve_deepcache(self.manifest, deepcache)
+        )
+        if latents is not None and np.ndim(latents) == 4 and (height is None or width is None):
+            factor = self.manifest.dims.vae_scale_factor
+            height = np.shape(latents)[2] * factor if height is None else height
+            width = np.shape(latents)[3] * factor if width is None else width
+        if image is not None and (height is None or width is None):
+            size = image_size(image)
+            if size is not None:
+                width = size[0] if width is None else width
+                height = size[1] if height is None else height
+        req = build_request(
+            self.manifest,
+            resolve_sampler,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            sampler=sampler,
+            steps=steps,
+            guidance=guidance,
+            guidance_rescale=guidance_rescale,
+            seed=seed,
+            height=height,
+            width=width,
+            batch=batch,
+            img2img=image is not None,
+            strength=strength,
+            karras=karras,
+            eta=eta,
+            sampler_options=sampler_options or {},
+        )
+        noise = self._initial_noise(req, latents)
+        init_image = load_image(image, req.width, req.height) if image is not None else None
+        timings: dict[str, float] = {}
+        stepper = self._stepper(req)
+        embeddings = self._encode_text(req, timings)
+        if init_image is None:
+            x = stepper.prepare_noise(noise)
+        else:
+            x = stepper.add_noise(self._encode_image(req, init_image, timings), noise)
+        cache = None
+        if cache_config is not None:
+            cache = DeepCacheState(cache_config, stepper.num_model_calls, self._cache_feature())
+        if isinstance(self.engines[UNET], StagedUNet) and req.batch > 1:
+            x = run_chains(self, req, x, embeddings, timings, progress)
+        else:
+            x = self._denoise(req, stepper, x, embeddings, timings, progress, cache)
+        images = self._decode(x, timings)
+        timings["total"] = time.perf_counter() - start
+        params = self.result_params(req)
+        if cache is not None:
+            params["deepcache"] = cache.summary()
+        return GenerationResult(images, timings, stepper.num_model_calls, params)
+
+    # ---- building blocks for schedulers that batch many requests (trt_sd.runtime.serve) -----
+    def result_params(self, req: Request) -> dict[str, Any]:
+        """What a result reports and its PNG embeds: the resolved request + engine identity."""
+        params = req.to_params()
+        params.update(
+            backend=self.backend,
+            model=self.manifest.model.get("name", ""),
+            model_hash=str(self.manifest.model.get("hash", "")),
+        )
+        return params
+
+    def make_stepper(self, req: Request) -> Any:
+        """A fresh stepper for ``req``: its own state and noise streams (from its seeds)."""
+        return self._stepper(req)
+
+    def encode_text(self, texts: Sequence[str], timings: dict[str, float] | None = None) -> Any:
+        """Host embeddings of ``texts`` (rows of any requests) from one text-encoder call."""
+        spec = self.components[TEXT_ENCODER]
+        feeds = {spec.inputs[0].name: self.tokenizer(list(texts))}
+        out = self._run(TEXT_ENCODER, feeds, {} if timings is None else timings)
+        embeddings = out[spec.outputs[0].name]
+        _check_finite(TEXT_ENCODER, embeddings)
+        return embeddings
+
+    def decode(
+        self, latents: np.ndarray, timings: dict[str, float] | None = None
+    ) -> list[np.ndarray]:
+        """Final latents (as the sampler leaves them) -> HxWx3 uint8 images."""
+        latents = np.asarray(latents, dtype=np.float32)
+        return self._decode(latents, {} if timings is None else timings)
+
+    def _initial_noise(self, req: Request, latents: np.ndarray | None) -> np.ndarray:
+        dims = self.manifest.dims
+        shape = (
+            req.batch,
+            dims.latent_channels,
+            req.height // dims.vae_scale_factor,
+            req.width // dims.vae_scale_factor,
+        )
+        if latents is not None:
+            latents = np.asarray(latents, dtype=np.float32)
+            if latents.shape != shape:
+                raise InputError(f"latents must have shape {shape}, got {latents.shape}")
+            if not np.isfinite(latents).all():
+                raise InputError("latents contain NaN or inf")
+            return latents
+        return initial_noise(req.seeds, shape[1:])
+
+    def _stepper(self, req: Request) -> Any:
+        kwargs: dict[str, Any] = dict(req.sampler_options)
+        if req.karras is not None:
+            kwargs["karras"] = req.karras
+        if req.eta is not None:
+            kwargs["eta"] = req.eta
+        if req.strength is not None:
+            kwargs["strength"] = req.strength
+        noise_fn = sampler_noise_fn(req.seeds)
+        try:
+            return _samplers().stepper(
+                req.sampler, self.scheduler_config, req.steps, noise_fn=noise_fn, **kwargs
+            )
+        except (TypeError, ValueError) as e:
+            raise InputError(f"sampler {req.sampler}: {e}") from None
+
+    def _run(self, name: str, feeds: dict[str, Any], timings: dict[str, float], keep=()) -> dict:
+        t0 = time.perf_counter()
+        outputs = self.engines[name].run(feeds, keep_on_device=keep)
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+        return outputs
+
+    def _run_unet(
+        self, i: int, feeds: dict[str, Any], timings: dict[str, float], cache: Any
+    ) -> dict:
+        """UNet call ``i``: the plain UNet, or DeepCache's full / shallow UNet."""
+        if cache is None:
+            return self._run(UNET, feeds, timings)
+        full, shallow = self.engines[UNET], self.engines[UNET_SHALLOW]
+        keep = full.kind == shallow.kind != "onnxruntime-cpu"  # the feature stays on the GPU
+        t0 = time.perf_counter()
+        outputs = cache.run(i, feeds, full, shallow, keep=keep)
+        timings[UNET] = timings.get(UNET, 0.0) + time.perf_counter() - t0
+        return outputs
+
+    def _cache_feature(self) -> str:
+        return deepcache_components(self.manifest)[UNET].output_names[1]
+
+    def _encode_text(self, req: Request, timings: dict[str, float]) -> Any:
+        """Token ids -> embeddings, ``[uncond..., cond...]`` rows in one call when CFG is on
+        (diffusers' order), kept on the device for the UNet calls that follow."""
+        spec = self.components[TEXT_ENCODER]
+        texts = (*req.negative_prompts, *req.prompts) if req.cfg else req.prompts
+        ids = self.tokenizer(texts)
+        out_name = spec.outputs[0].name
+        keep = (out_name,) if self._embeddings_stay_on_device() else ()
+        out = self._run(TEXT_ENCODER, {spec.inputs[0].name: ids}, timings, keep=keep)
+        embeddings = out[out_name]
+        _check_finite(TEXT_ENCODER, self.engines[TEXT_ENCODER].to_host(embeddings))
+        return embeddings
+
+    def _embeddings_stay_on_device(self) -> bool:
+        """The UNet can take the text encoder's device tensor as it is: same GPU backend and
+        the same dtype on both sides (an fp32 text encoder feeding an fp16 UNet goes through
+        the host, where the UNet backend casts it)."""
+        te, unet = self.engines[TEXT_ENCODER], self.engines[UNET]
+        context = self.components[UNET].input_names[2]
+        te_dtype = te.outputs[0].dtype
+        unet_dtype = next(s.dtype for s in unet.inputs if s.name == context)
+        return te.kind == unet.kind != "onnxruntime-cpu" and te_dtype == unet_dtype
+
+    def _encode_image(
+        self, req: Request, image: np.ndarray, timings: dict[str, float]
+    ) -> np.ndarray:
+        """Init image -> latents: one encoder call, then a posterior sample per batch entry
+        (mean + std * noise, logvar clamped to [-30, 20] as diffusers does), times the VAE
+        scaling factor."""
+        spec = self.components[VAE_ENCODER]
+        out = self._run(VAE_ENCODER, {spec.inputs[0].name: image}, timings)
+        params = np.asarray(out[spec.outputs[0].name], dtype=np.float32)
+        _check_finite(VAE_ENCODER, params)
+        mean, logvar = np.split(params, 2, axis=1)
+        std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
+        scale = np.float32(self.manifest.vae_scaling_factor)
+        return posterior_sample(req.seeds, mean, std) * scale
+
+    def _denoise(
+        self,
+        req: Request,
+        stepper: Any,
+        x: np.ndarray,
+        embeddings: Any,
+        timings: dict[str, float],
+        progress: ProgressArg,
+        cache: DeepCacheState | None = None,
+    ) -> np.ndarray:
+        samplers = _samplers()
+        unet = self.components[UNET]
+        sample_name, timestep_name, context_name = unet.input_names
+        out_name = unet.output_names[0]
+        rows = 2 * req.batch if req.cfg else req.batch
+        total = stepper.num_model_calls
+        bar = progress_reporter(progress, total)
+        try:
+            for i in range(total):
+                x_in = np.asarray(stepper.scale_model_input(x, i), dtype=np.float32)
+                feeds = {
+                    sample_name: np.concatenate([x_in, x_in]) if req.cfg else x_in,
+                    timestep_name: np.full(rows, stepper.timesteps[i], dtype=np.float32),
+                    context_name: embeddings,
+                }
+                out = np.asarray(self._run_unet(i, feeds, timings, cache)[out_name], np.float32)
+                _check_finite(UNET, out, f" at step {i + 1} of {total}")
+                if req.cfg:
+                    uncond, cond = np.split(out, 2)
+                    out = samplers.cfg(cond, uncond, req.guidance, req.guidance_rescale)
+                x = stepper.step(out, i, x)
+                if bar is not None:
+                    bar(i + 1, total)
+        finally:
+            if bar is not None:
+                bar(-1, total)
+        return np.asarray(x, dtype=np.float32)
+
+    def _decode(self, x: np.ndarray, timings: dict[str, float]) -> list[np.ndarray]:
+        spec = self.components[VAE_DECODER]
+        latent = x / np.float32(self.manifest.vae_scaling_factor)
+        out = self._run(VAE_DECODER, {spec.inputs[0].name: latent}, timings)
+        decoded = np.asarray(out[spec.outputs[0].name], dtype=np.float32)
+        _check_finite(VAE_DECODER, decoded)
+        return to_uint8(decoded)

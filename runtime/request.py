@@ -1,0 +1,226 @@
+"""One generation request: the caller's arguments, defaulted from the manifest and validated.
+
+Validation happens here, before any engine runs, so a bad argument costs nothing and raises an
+:class:`InputError` naming what is wrong and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from trt_sd.models.descriptors import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
+from trt_sd.models.errors import InputError
+from trt_sd.models.manifest import Manifest
+
+DEFAULT_SAMPLER = "dpm++"
+DEFAULT_STEPS = 20
+DEFAULT_GUIDANCE = 7.5
+DEFAULT_STRENGTH = 0.8  # diffusers' img2img default
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Request:
+    """Everything that determines the images (plus the batch layout)."""
+
+    prompts: tuple[str, ...]
+    negative_prompts: tuple[str, ...]
+    sampler: str
+    steps: int
+    guidance: float
+    guidance_rescale: float
+    seed: int
+    height: int
+    width: int
+    batch: int
+    strength: float | None  # None: txt2img; a float: img2img
+    karras: bool | None
+    eta: float | None
+    sampler_options: dict[str, Any] = field(default_factory=dict)  # e.g. exponential sigmas
+
+    @property
+    def cfg(self) -> bool:
+        """Classifier-free guidance runs only above 1 (diffusers: ``guidance_scale > 1``)."""
+        return self.guidance > 1.0
+
+    @property
+    def seeds(self) -> list[int]:
+        """Image ``i`` of a batch is drawn from ``seed + i`` (as the WebUI does), so each image
+        can be regenerated alone."""
+        return [self.seed + i for i in range(self.batch)]
+
+    def to_params(self) -> dict[str, Any]:
+        params = asdict(self)
+        params["prompt"] = (
+            params.pop("prompts")[0] if len(set(self.prompts)) == 1 else list(self.prompts)
+        )
+        negatives = params.pop("negative_prompts")
+        params["negative_prompt"] = negatives[0] if len(set(negatives)) == 1 else list(negatives)
+        params["seeds"] = self.seeds
+        if self.strength is None:
+            del params["strength"]
+        if not self.sampler_options:
+            del params["sampler_options"]
+        return params
+
+
+def _prompts(value: str | Sequence[str], batch: int, what: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,) * batch
+    values = tuple(value)
+    if not all(isinstance(v, str) for v in values):
+        raise InputError(f"{what} must be a string or a list of strings")
+    if len(values) != batch:
+        raise InputError(f"{what} has {len(values)} entries but batch is {batch}")
+    return values
+
+
+def _integer(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        raise InputError(f"{what} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _number(value: Any, what: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise InputError(f"{what} must be finite, got {value!r}")
+    return number
+
+
+def check_size(manifest: Manifest, height: int, width: int, batch: int, cfg: bool) -> None:
+    """Image size and batch against the shape ranges every engine was built for."""
+    factor = manifest.dims.vae_scale_factor
+    for what, value in (("height", height), ("width", width)):
+        if value < 8 or value % 8 or value % factor:
+            raise InputError(f"{what} must be a positive multiple of 8, got {value}")
+    rows = 2 * batch if cfg else batch
+    checks = {  # component -> ((axis, value, user-facing name), ...)
+        TEXT_ENCODER: (("unet_batch", rows, "batch"),),
+        UNET: (
+            ("unet_batch", rows, "batch"),
+            ("height", height, "height"),
+            ("width", width, "width"),
+        ),
+        VAE_DECODER: (
+            ("batch", batch, "batch"),
+            ("height", height, "height"),
+            ("width", width, "width"),
+        ),
+        VAE_ENCODER: (
+            ("batch", batch, "batch"),
+            ("height", height, "height"),
+            ("width", width, "width"),
+        ),
+    }
+    for name, axes in checks.items():
+        entry = manifest.components.get(name)
+        if entry is None:
+            continue
+        for axis, value, what in axes:
+            allowed = entry.shape_range.axis(axis)
+            if not allowed.contains(value):
+                if axis == "unet_batch":
+                    allowed = entry.shape_range.batch
+                    value = batch
+                raise InputError(
+                    f"{what} {value} is outside the range the engines were built for "
+                    f"({allowed.min}..{allowed.max}, {name}); re-export with a wider --{what}"
+                )
+
+
+def default_size(manifest: Manifest, what: str) -> int:
+    """The model's default height / width if the engines were built for it, else the size the
+    UNet engine is optimised for (an export for 256x256 of a 512x512 model runs at 256)."""
+    value = int(manifest.defaults.get(what, 512))
+    entry = manifest.components.get(UNET)
+    if entry is None:
+        return value
+    built = getattr(entry.shape_range, what)
+    return value if built.contains(value) else built.opt
+
+
+def build_request(
+    manifest: Manifest,
+    resolve_sampler: Any,
+    *,
+    prompt: str | Sequence[str] | None,
+    negative_prompt: str | Sequence[str],
+    sampler: str,
+    steps: int | None,
+    guidance: float | None,
+    guidance_rescale: float,
+    seed: int | None,
+    height: int | None,
+    width: int | None,
+    batch: int,
+    img2img: bool,
+    strength: float | None,
+    karras: bool | None,
+    eta: float | None,
+    sampler_options: dict[str, Any],
+) -> Request:
+    """Fill unset arguments from ``manifest.defaults`` and validate all of them."""
+    defaults = manifest.defaults
+    batch = _integer(batch, "batch")
+    if batch < 1:
+        raise InputError(f"batch must be at least 1, got {batch}")
+    if prompt is None:
+        prompt = str(defaults.get("prompt", ""))
+    steps = _integer(steps if steps is not None else defaults.get("steps", DEFAULT_STEPS), "steps")
+    if steps < 1:
+        raise InputError(f"steps must be at least 1, got {steps}")
+    guidance = _number(
+        guidance if guidance is not None else defaults.get("guidance", DEFAULT_GUIDANCE), "guidance"
+    )
+    guidance_rescale = _number(guidance_rescale, "guidance_rescale")
+    if not 0.0 <= guidance_rescale <= 1.0:
+        raise InputError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
+    seed = secrets.randbits(32) if seed is None else _integer(seed, "seed")
+    if not 0 <= seed <= MAX_SEED - batch:
+        raise InputError(f"seed must be in [0, 2**63 - 1 - batch], got {seed}")
+    height = _integer(height if height is not None else default_size(manifest, "height"), "height")
+    width = _integer(width if width is not None else default_size(manifest, "width"), "width")
+    if img2img:
+        if VAE_ENCODER not in manifest.components:
+            raise InputError("img2img needs a VAE encoder, and this engine directory has none")
+        strength = _number(DEFAULT_STRENGTH if strength is None else strength, "strength")
+        if not 0.0 < strength <= 1.0:
+            raise InputError(f"strength must be in (0, 1], got {strength}")
+    elif strength is not None:
+        raise InputError("strength applies to img2img only: pass an image too")
+    if eta is not None:
+        eta = _number(eta, "eta")
+        if eta < 0:
+            raise InputError(f"eta must be >= 0, got {eta}")
+    canonical, implied = resolve_sampler(sampler)
+    implied_karras = implied.pop("use_karras_sigmas", None)
+    if karras is None:
+        karras = implied_karras
+    elif implied_karras and not karras:
+        raise InputError(f"sampler name {sampler!r} asks for Karras sigmas but karras is False")
+    request = Request(
+        prompts=_prompts(prompt, batch, "prompt"),
+        negative_prompts=_prompts(negative_prompt, batch, "negative_prompt"),
+        sampler=canonical,
+        steps=steps,
+        guidance=guidance,
+        guidance_rescale=guidance_rescale,
+        seed=seed,
+        height=height,
+        width=width,
+        batch=batch,
+        strength=strength,
+        karras=None if karras is None else bool(karras),
+        eta=eta,
+        sampler_options={**implied, **sampler_options},
+    )
+    check_size(manifest, height, width, batch, request.cfg)
+    return request

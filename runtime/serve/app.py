@@ -1,0 +1,178 @@
+"""The Ray Serve application: an HTTP ingress in front of generation replicas.
+
+::
+
+    HTTP ──> Ray Serve proxy ──> Ingress (routes, no GPU) ──handle──> Generator replica × N
+                                                                     (Pipeline + BatchingEngine,
+                                                                      1 GPU each on GPU nodes)
+
+The ingress is a separate deployment so that a replica that dies mid-request (a crashed
+process, a lost node) still yields a clean answer: the ingress catches the failed handle call
+and returns a one-line JSON 503, which the client may retry while Ray restarts the replica.
+Each replica batches the requests it holds (continuous batching); Ray Serve balances requests
+across replicas and, with autoscaling, adds replicas when their queues fill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
+from starlette.responses import Response
+
+from trt_sd.models.descriptors import UNET
+from trt_sd.models.errors import InputError
+from trt_sd.models.manifest import Manifest
+from trt_sd.models.paths import default_engine_dir
+
+from .engine import DEFAULT_MAX_QUEUE, DEFAULT_TIMEOUT_S, check_limits
+from .replica import Generator, Reply, error_reply
+
+log = logging.getLogger(__name__)
+
+REPLICA_FAILED = "the generation replica failed while serving this request; retry it"
+#: how much longer than the request timeout the ingress waits for a replica's answer
+INGRESS_GRACE_S = 60.0
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Everything ``trt-sd serve`` configures (see :mod:`trt_sd.runtime.serve_cli`)."""
+
+    engine_dir: str | None = None
+    backend: str = "auto"
+    replicas: int = 1
+    max_batch: int | None = None
+    max_queue: int = DEFAULT_MAX_QUEUE
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    gpus_per_replica: float = 0.0
+    cpus_per_replica: float = 1.0
+    autoscale: tuple[int, int] | None = None  # (min, max) replicas; None: fixed ``replicas``
+    target_ongoing: float | None = None  # autoscaling target per replica (default max_batch)
+
+
+class GeneratorDeployment(Generator):
+    """A :class:`Generator` as a Ray Serve replica."""
+
+    def check_health(self) -> None:
+        """Called by Ray Serve periodically; raising makes Ray replace this replica."""
+        if not self.engine.alive:
+            raise RuntimeError("the batching scheduler has stopped")
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close(timeout=1.0)
+
+
+class Ingress:
+    """Routes ``POST /generate`` and ``GET /health`` to the generator replicas."""
+
+    def __init__(self, generator: DeploymentHandle, timeout_s: float) -> None:
+        self.generator = generator
+        self.timeout_s = timeout_s
+
+    async def __call__(self, request: Request) -> Response:
+        path = request.url.path.rstrip("/") or "/"
+        routes = {"/generate": ("POST",), "/health": ("GET", "HEAD")}
+        if path not in routes:
+            reply = error_reply(404, f"no route {path}; use POST /generate or GET /health")
+        elif request.method not in routes[path]:
+            allowed = ", ".join(routes[path])
+            reply = error_reply(405, f"{path} takes {allowed}", Allow=allowed)
+        elif path == "/generate":
+            reply = await self._call("generate", await request.body())
+        else:
+            reply = await self._call("health")
+        return Response(
+            reply.body, reply.status, headers=reply.headers, media_type=reply.content_type
+        )
+
+    async def _call(self, method: str, *args: Any) -> Reply:
+        response = getattr(self.generator, method).remote(*args)
+
+        async def answer() -> Reply:
+            reply: Reply = await response
+            return reply
+
+        try:
+            return await asyncio.wait_for(answer(), self.timeout_s + INGRESS_GRACE_S)
+        except asyncio.TimeoutError:
+            response.cancel()
+            return error_reply(504, f"no answer from a generation replica in {self.timeout_s:g} s")
+        except asyncio.CancelledError:  # the client disconnected
+            response.cancel()
+            raise
+        except Exception as e:  # replica died / unreachable: Ray replaces it, the client retries
+            log.warning("generation replica call failed: %s", type(e).__name__)
+            return error_reply(503, REPLICA_FAILED, **{"Retry-After": "1"})
+
+
+def resolve_engines(options: ServeOptions) -> tuple[str, int]:
+    """Validate the engine directory before any replica starts: (its absolute path, for
+    replicas whose working directory differs; the batch limit, by default what the UNet
+    engine was built for)."""
+    path = (Path(options.engine_dir) if options.engine_dir else default_engine_dir()).resolve()
+    manifest = Manifest.load(path)
+    entry = manifest.components.get(UNET)
+    if entry is None:
+        raise InputError(f"{path} holds no single UNet engine; trt-sd serve needs one")
+    built = entry.shape_range.batch.max
+    max_batch = built if options.max_batch is None else options.max_batch
+    if not 1 <= max_batch <= built:
+        raise InputError(
+            f"max-batch must be in 1..{built} (the UNet engine's batch range), got {max_batch}"
+        )
+    return str(path), max_batch
+
+
+def build_app(options: ServeOptions) -> Any:
+    """The Ray Serve application for ``options`` (``serve.run(build_app(...))``)."""
+    if options.replicas < 1:
+        raise InputError(f"replicas must be at least 1, got {options.replicas}")
+    if options.autoscale is not None and not 0 <= options.autoscale[0] <= options.autoscale[1]:
+        raise InputError(f"autoscale needs 0 <= MIN <= MAX, got {options.autoscale}")
+    check_limits(options.max_queue, options.timeout_s)
+    engine_dir, max_batch = resolve_engines(options)
+    # Let every request reach a replica (and be answered 429 there when its queue is full)
+    # instead of waiting unseen in Ray's router.
+    ongoing = max_batch + options.max_queue + 16
+    scaling: dict[str, Any] = {"num_replicas": options.replicas}
+    if options.autoscale is not None:
+        scaling = {
+            "autoscaling_config": {
+                "min_replicas": options.autoscale[0],
+                "initial_replicas": max(options.autoscale[0], 1),
+                "max_replicas": options.autoscale[1],
+                "target_ongoing_requests": options.target_ongoing or max_batch,
+            }
+        }
+    generator = serve.deployment(
+        name="Generator",
+        ray_actor_options={
+            "num_gpus": options.gpus_per_replica,
+            "num_cpus": options.cpus_per_replica,
+        },
+        max_ongoing_requests=ongoing,
+        health_check_period_s=5.0,
+        **scaling,
+    )(GeneratorDeployment)
+    ingress = serve.deployment(
+        name="Ingress",
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=max(1000, ongoing * max(options.replicas, 1)),
+    )(Ingress)
+    replica = generator.bind(
+        engine_dir,
+        options.backend,
+        max_batch,
+        options.max_queue,
+        options.timeout_s,
+    )
+    return ingress.bind(replica, options.timeout_s)

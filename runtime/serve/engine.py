@@ -1,0 +1,384 @@
+"""Continuous batching: many requests share each UNet call, each at its own step.
+
+One scheduler thread owns the engines. Each turn of its loop it
+
+1. admits waiting requests while fewer than ``max_batch`` are active, and text-encodes the
+   new ones (their prompt rows in one text-encoder call);
+2. builds one UNet batch from the active requests of one image size - a request's
+   ``[uncond, cond]`` rows (or its single row without CFG), each row with the timestep of
+   that request's own sampler step (the UNet takes one timestep per row);
+3. splits the output per request, applies its guidance and advances its own stepper;
+4. retires finished requests: VAE decode (same-size requests in one call) and hands the
+   image to the waiting caller.
+
+So a request arriving while others run joins the very next UNet call instead of waiting for
+them to finish, and a request's image is the one ``Pipeline.__call__`` makes for the same
+arguments: the same stepper, noise streams and arithmetic per request, only the batch size
+of the engine calls differs (float rounding, within 1/255 per pixel).
+
+Every request has a deadline; one that passes it - waiting or mid-denoise - fails with
+:class:`RequestTimeoutError` and frees its rows. The waiting queue is bounded
+(:class:`QueueFullError`) so overload is refused at once instead of growing latency without
+limit.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+
+from trt_sd.models.descriptors import TEXT_ENCODER, UNET, VAE_DECODER
+from trt_sd.models.errors import InputError, NumericalError, TrtSdError
+from trt_sd.runtime.noise import initial_noise
+from trt_sd.runtime.pipeline import Pipeline, resolve_sampler
+from trt_sd.runtime.request import DEFAULT_SAMPLER, build_request
+from trt_sd.samplers import cfg
+
+from .jobs import (
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_TIMEOUT_S,
+    EngineStats,
+    EngineStoppedError,
+    Generated,
+    Job,
+    QueueFullError,
+    RequestTimeoutError,
+    check_limits,
+    chunks,
+    fail_job,
+    timeout_message,
+)
+
+__all__ = [
+    "DEFAULT_MAX_QUEUE",
+    "DEFAULT_TIMEOUT_S",
+    "BatchingEngine",
+    "EngineStoppedError",
+    "Generated",
+    "QueueFullError",
+    "RequestTimeoutError",
+    "Ticket",
+    "check_limits",
+]
+
+log = logging.getLogger(__name__)
+
+
+class Ticket:
+    """Handle of a submitted request: its future, and a way to give it up."""
+
+    def __init__(self, job: Job, engine: BatchingEngine) -> None:
+        self._job = job
+        self._engine = engine
+        self.future = job.future
+        self.seed = job.req.seed
+
+    def cancel(self) -> None:
+        """Drop the request (the caller went away); its rows leave the next UNet call."""
+        self._engine._cancel(self._job)
+
+
+class BatchingEngine:
+    """Continuous batching over one :class:`Pipeline` (see the module docstring).
+
+    ``max_batch``: requests per UNet call (a CFG request is two rows); default and maximum:
+    the image batch the UNet engine was built for. ``max_queue``: requests allowed to wait
+    for a slot. ``timeout_s``: deadline of each request, from submission.
+    """
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        max_batch: int | None = None,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        self.pipe = pipeline
+        unet_range = pipeline.manifest.components[UNET].shape_range
+        self.max_rows = unet_range.axis("unet_batch").max
+        self._text_rows = pipeline.manifest.components[TEXT_ENCODER].shape_range.axis("unet_batch")
+        self._vae_batch = pipeline.manifest.components[VAE_DECODER].shape_range.batch.max
+        built = unet_range.batch.max
+        if max_batch is None:
+            max_batch = built
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise InputError(f"max-batch must be a positive integer, got {max_batch!r}")
+        if max_batch > built:
+            raise InputError(
+                f"max-batch {max_batch} is more than the UNet engine was built for "
+                f"({unet_range.batch}); re-export with a wider --batch"
+            )
+        check_limits(max_queue, timeout_s)
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.timeout_s = float(timeout_s)
+        self.stats = EngineStats()
+        unet = pipeline.components[UNET]
+        self._sample_name, self._timestep_name, self._context_name = unet.input_names
+        self._unet_out = unet.output_names[0]
+        self._waiting: deque[Job] = deque()
+        self._active: list[Job] = []
+        self._cond = threading.Condition()
+        self._seq = itertools.count()
+        self._turn = 0
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="trt-sd-batching", daemon=True)
+        self._thread.start()
+
+    # ---- the caller's side ----------------------------------------------------------------
+    def submit(
+        self,
+        prompt: str | None = None,
+        negative_prompt: str = "",
+        sampler: str = DEFAULT_SAMPLER,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        karras: bool | None = None,
+        eta: float | None = None,
+        guidance_rescale: float = 0.0,
+    ) -> Ticket:
+        """Validate a request (the rules and messages of ``trt-sd run``: InputError) and queue
+        it; QueueFullError when the queue is full, EngineStoppedError after :meth:`close`."""
+        req = build_request(
+            self.pipe.manifest,
+            resolve_sampler,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            sampler=sampler,
+            steps=steps,
+            guidance=guidance,
+            guidance_rescale=guidance_rescale,
+            seed=seed,
+            height=height,
+            width=width,
+            batch=1,
+            img2img=False,
+            strength=None,
+            karras=karras,
+            eta=eta,
+            sampler_options={},
+        )
+        stepper = self.pipe.make_stepper(req)  # sampler-specific errors surface here, too
+        now = time.monotonic()
+        job = Job(req, stepper, Future(), now + self.timeout_s, now, next(self._seq))
+        with self._cond:
+            if self._stopped or not self._thread.is_alive():
+                raise EngineStoppedError("the generation engine is stopped")
+            free_slots = max(0, self.max_batch - len(self._active))
+            if len(self._waiting) >= self.max_queue + free_slots:
+                self.stats.rejected += 1
+                raise QueueFullError(
+                    f"server busy: {len(self._waiting)} requests already waiting; retry later"
+                )
+            self._waiting.append(job)
+            self.stats.submitted += 1
+            self._cond.notify()
+        return Ticket(job, self)
+
+    def generate(self, **kwargs: Any) -> Generated:
+        """Submit and wait (blocking); for callers without an event loop."""
+        return self.submit(**kwargs).future.result()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopped
+
+    def load(self) -> dict[str, int]:
+        with self._cond:
+            return {"active": len(self._active), "waiting": len(self._waiting)}
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the scheduler; requests still queued or running fail with EngineStoppedError."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    def _cancel(self, job: Job) -> None:
+        with self._cond:
+            job.cancelled = True
+            self._cond.notify()
+
+    # ---- the scheduler thread -------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._stopped and not self._active and not self._waiting:
+                        self._cond.wait()
+                    if self._stopped:
+                        break
+                    self._drop_expired()
+                    new = self._admit()
+                if new:
+                    self._start(new)
+                if self._active:
+                    self._unet_turn()
+                    self._retire()
+        except BaseException:  # keep going is impossible; fail everyone, let health report it
+            log.exception("batching scheduler stopped")
+            raise
+        finally:
+            with self._cond:
+                self._stopped = True
+                pending = [*self._waiting, *self._active]
+                self._waiting.clear()
+                self._active.clear()
+            for job in pending:
+                fail_job(job, EngineStoppedError("the generation engine stopped"))
+
+    def _drop_expired(self) -> None:
+        """(Lock held.) Fail requests past their deadline; forget cancelled ones."""
+        now = time.monotonic()
+        for queue in (self._waiting, self._active):
+            for job in [j for j in queue if j.cancelled or now > j.deadline]:
+                queue.remove(job)
+                if not job.cancelled:
+                    self.stats.timed_out += 1
+                    fail_job(job, RequestTimeoutError(timeout_message(self.timeout_s, job)))
+
+    def _admit(self) -> list[Job]:
+        """(Lock held.) Move waiting requests into free slots, oldest first."""
+        new = []
+        while self._waiting and len(self._active) < self.max_batch:
+            job = self._waiting.popleft()
+            if job.future.set_running_or_notify_cancel():
+                new.append(job)
+                self._active.append(job)  # holds its slot; _start gives it latents
+        return new
+
+    def _start(self, jobs: list[Job]) -> None:
+        """Text-encode new requests (their rows together) and draw their initial latents."""
+        dims = self.pipe.manifest.dims
+        rows_limit = self._text_rows.max
+        for chunk in chunks(jobs, lambda j: j.rows, rows_limit, len(jobs)):
+            texts = [
+                t
+                for j in chunk
+                for t in ((*j.req.negative_prompts, *j.req.prompts) if j.req.cfg else j.req.prompts)
+            ]
+            try:
+                embeddings = np.asarray(self.pipe.encode_text(texts))
+            except Exception as e:
+                for job in chunk:
+                    self._failed(job, e)
+                continue
+            offset = 0
+            for job in chunk:
+                job.embeddings = embeddings[offset : offset + job.rows]
+                offset += job.rows
+                shape = (
+                    dims.latent_channels,
+                    job.req.height // dims.vae_scale_factor,
+                    job.req.width // dims.vae_scale_factor,
+                )
+                job.x = job.stepper.prepare_noise(initial_noise(job.req.seeds, shape))
+
+    def _unet_turn(self) -> None:
+        """One UNet call for the active requests of one image size (the one whose request has
+        waited longest for a call), each row at its request's own timestep."""
+        with self._cond:
+            ready = [j for j in self._active if j.x is not None and not j.cancelled]
+        order = sorted(ready, key=lambda j: (j.turn, j.seq))
+        if not order:
+            return
+        size = order[0].size
+        same = [j for j in order if j.size == size]
+        batch = next(chunks(same, lambda j: j.rows, self.max_rows, self.max_batch))
+        self._turn += 1
+        samples: list[np.ndarray] = []
+        timesteps: list[float] = []
+        contexts: list[np.ndarray] = []
+        for job in batch:
+            job.turn = self._turn
+            x_in = np.asarray(job.stepper.scale_model_input(job.x, job.step), dtype=np.float32)
+            t = job.stepper.timesteps[job.step]
+            samples += [x_in] * job.rows
+            timesteps += [t] * job.rows
+            if job.embeddings is not None:
+                contexts.append(job.embeddings)
+        feeds = {
+            self._sample_name: np.concatenate(samples),
+            self._timestep_name: np.asarray(timesteps, dtype=np.float32),
+            self._context_name: np.concatenate(contexts),
+        }
+        rows = len(timesteps)
+        try:
+            out = self.pipe.engines[UNET].run(feeds)[self._unet_out]
+            out = np.asarray(out, dtype=np.float32)
+        except Exception as e:
+            for job in batch:
+                self._failed(job, e)
+            return
+        self.stats.unet_calls += 1
+        self.stats.unet_rows += rows
+        self.stats.max_rows = max(self.stats.max_rows, rows)
+        self.stats.rows_per_call[rows] = self.stats.rows_per_call.get(rows, 0) + 1
+        offset = 0
+        for job in batch:
+            part = out[offset : offset + job.rows]
+            offset += job.rows
+            try:
+                self._advance(job, part)
+            except Exception as e:
+                self._failed(job, e)
+
+    def _advance(self, job: Job, out: np.ndarray) -> None:
+        """CFG and one sampler step for one request, exactly as ``Pipeline._denoise``."""
+        total = job.stepper.num_model_calls
+        if not np.isfinite(out).all():
+            raise NumericalError(
+                f"unet produced NaN or inf at step {job.step + 1} of {total}; try an fp32 export"
+            )
+        if job.req.cfg:
+            uncond, cond = np.split(out, 2)
+            out = cfg(cond, uncond, job.req.guidance, job.req.guidance_rescale)
+        job.x = job.stepper.step(out, job.step, job.x)
+        job.step += 1
+
+    def _retire(self) -> None:
+        """Decode finished requests (same size together) and deliver their images."""
+        with self._cond:
+            finished = [j for j in self._active if j.x is not None and j.done]
+            for job in finished:
+                self._active.remove(job)
+        sizes = dict.fromkeys(j.size for j in finished)
+        for size in sizes:
+            group = [j for j in finished if j.size == size and not j.cancelled]
+            for chunk in chunks(group, lambda j: 1, self._vae_batch, self._vae_batch):
+                try:
+                    images = self.pipe.decode(np.concatenate([j.x for j in chunk]))
+                except Exception as e:
+                    for job in chunk:
+                        self._failed(job, e)
+                    continue
+                for job, image in zip(chunk, images, strict=True):
+                    result = Generated(
+                        image,
+                        self.pipe.result_params(job.req),
+                        job.stepper.num_model_calls,
+                        time.monotonic() - job.submitted,
+                    )
+                    job.x = job.embeddings = None
+                    if not job.future.done():
+                        job.future.set_result(result)
+                        self.stats.completed += 1
+
+    def _failed(self, job: Job, error: BaseException) -> None:
+        with self._cond:
+            if job in self._active:
+                self._active.remove(job)
+        if not isinstance(error, TrtSdError | ValueError):
+            log.error("request failed", exc_info=error)
+        self.stats.failed += 1
+        fail_job(job, error)

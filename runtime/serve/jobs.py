@@ -1,0 +1,134 @@
+"""The data the batching engine keeps per request, its errors and counters, and small helpers.
+
+Kept apart from :mod:`.engine` (the scheduler) so the request-state layout can be read on its
+own: one :class:`Job` per request, its sampler state explicit, nothing shared between jobs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from trt_sd.models.errors import InputError, TrtSdError
+from trt_sd.runtime.request import Request
+
+DEFAULT_MAX_QUEUE = 64
+DEFAULT_TIMEOUT_S = 120.0
+
+
+class QueueFullError(TrtSdError):
+    """The waiting queue is full: the service is overloaded (HTTP 429)."""
+
+
+class RequestTimeoutError(TrtSdError):
+    """A request passed its deadline before its image was ready (HTTP 504)."""
+
+
+class EngineStoppedError(TrtSdError):
+    """The engine was closed or its scheduler thread stopped (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One finished request."""
+
+    image: np.ndarray  # HxWx3 uint8 RGB
+    params: dict[str, Any]  # as Pipeline results report them (and PNGs embed them)
+    unet_calls: int
+    seconds: float  # submit -> image
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's explicit state between UNet calls."""
+
+    req: Request
+    stepper: Any
+    future: Future[Generated]
+    deadline: float
+    submitted: float
+    seq: int
+    x: np.ndarray | None = None  # current latents (1, C, h, w); None until admitted
+    embeddings: np.ndarray | None = None  # [uncond, cond] rows, or [cond] without CFG
+    step: int = 0
+    turn: int = 0  # scheduler turn of its last UNet call (fairness across sizes)
+    cancelled: bool = False
+
+    @property
+    def rows(self) -> int:
+        return 2 if self.req.cfg else 1
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.req.height, self.req.width
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.stepper.num_model_calls
+
+
+@dataclass
+class EngineStats:
+    """Counters for /health and the benchmark."""
+
+    submitted: int = 0
+    completed: int = 0
+    failed: int = 0
+    rejected: int = 0
+    timed_out: int = 0
+    unet_calls: int = 0
+    unet_rows: int = 0
+    max_rows: int = 0
+    rows_per_call: dict[int, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["rows_per_call"] = {str(k): v for k, v in sorted(self.rows_per_call.items())}
+        d["mean_rows"] = round(self.unet_rows / self.unet_calls, 3) if self.unet_calls else 0.0
+        return d
+
+
+def check_limits(max_queue: int, timeout_s: float) -> None:
+    """InputError unless the queue bound and the deadline make sense."""
+    if max_queue < 0:
+        raise InputError(f"max-queue must be >= 0, got {max_queue}")
+    if not timeout_s > 0:
+        raise InputError(f"timeout must be positive, got {timeout_s}")
+
+
+def fail_job(job: Job, error: BaseException) -> None:
+    job.x = job.embeddings = None
+    try:
+        if not job.future.done():
+            job.future.set_exception(error)
+    except InvalidStateError:  # the caller cancelled it meanwhile
+        pass
+
+
+def timeout_message(timeout_s: float, job: Job) -> str:
+    where = (
+        f"at step {job.step} of {job.stepper.num_model_calls}"
+        if job.x is not None
+        else ("before it could start")
+    )
+    return f"request timed out after {timeout_s:g} s ({where}); the server is overloaded"
+
+
+def chunks(
+    jobs: list[Job], rows_of: Callable[[Job], int], max_rows: int, max_jobs: int
+) -> Iterator[list[Job]]:
+    """Consecutive groups of ``jobs`` with at most ``max_rows`` rows and ``max_jobs`` jobs."""
+    chunk: list[Job] = []
+    rows = 0
+    for job in jobs:
+        if chunk and (rows + rows_of(job) > max_rows or len(chunk) >= max_jobs):
+            yield chunk
+            chunk, rows = [], 0
+        chunk.append(job)
+        rows += rows_of(job)
+    if chunk:
+        yield chunk

@@ -1,0 +1,52 @@
+"""``trt-sd serve`` arguments: bad values are refused with one line before Ray starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from runtime_engines import tiny_engines
+
+from trt_sd.runtime.cli import main as cli_main
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def engines() -> Path:
+    return tiny_engines()  # (exported before any test captures stderr)
+
+
+def test_help_lists_the_serving_options(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["serve", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("ENGINE_DIR", "--host", "--port", "--replicas", "--max-batch", "--autoscale"):
+        assert flag in text
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--max-batch", "9"], "error: max-batch must be in 1..4 (the UNet engine's batch range)"),
+        (["--replicas", "0"], "error: replicas must be at least 1, got 0"),
+        (["--autoscale", "3:1"], "error: autoscale needs 0 <= MIN <= MAX, got (3, 1)"),
+        (["--port", "70000"], "error: port must be in 1..65535, got 70000"),
+        (["--max-queue", "-1"], "error: max-queue must be >= 0, got -1"),
+        (["--timeout", "0"], "error: timeout must be positive, got 0.0"),
+    ],
+)
+def test_bad_options_fail_fast(engines: Path, extra: list[str], message: str, capsys) -> None:
+    assert cli_main(["serve", str(engines), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(message), err
+    assert "\n" not in err
+    assert not ray.is_initialized()
+
+
+def test_missing_engine_dir_fails_fast(tmp_path: Path, capsys) -> None:
+    assert cli_main(["serve", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "missing" in err and "\n" not in err
+    assert not ray.is_initialized()
