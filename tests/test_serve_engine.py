@@ -159,19 +159,25 @@ def test_deadline_fails_the_request_and_frees_its_slot(pipe, engine_factory) -> 
 
 def test_cancelled_request_leaves_the_batch(pipe, engine_factory) -> None:
     engine = engine_factory(max_batch=2)
-    cancel_at = {}
+    tickets: dict[str, Any] = {}
+    first_call, kept_submitted = threading.Event(), threading.Event()
 
     def cancel(call: int) -> None:
+        if call == 1:  # "gone" runs alone; "kept" is queued during this call and joins at 2
+            first_call.set()
+            assert kept_submitted.wait(30)
         if call == 2:
-            cancel_at["ticket"].cancel()
+            tickets["gone"].cancel()
 
     with UnetSpy(pipe, cancel) as spy:
-        cancel_at["ticket"] = engine.submit(prompt="gone", steps=8, seed=1)
+        tickets["gone"] = engine.submit(prompt="gone", steps=8, seed=1)
+        assert first_call.wait(30)
         kept = engine.submit(prompt="kept", steps=8, seed=2)
+        kept_submitted.set()
         assert kept.future.result(timeout=30).unet_calls == 8
-    assert not cancel_at["ticket"].future.done()
-    assert [len(t) for t in spy.timesteps[:2]] == [4, 4]
-    assert all(len(t) == 2 for t in spy.timesteps[2:])
+    assert not tickets["gone"].future.done()
+    # 2 rows (gone alone), 4 (both, cancelled inside this call), then kept alone to the end.
+    assert [len(t) for t in spy.timesteps] == [2, 4] + [2] * 7
 
 
 def test_engine_error_fails_its_batch_only(pipe, engine_factory) -> None:
