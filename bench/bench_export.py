@@ -66,6 +66,7 @@ SD15_SCHEDULER = {
     "skip_prk_steps": True,
     "steps_offset": 1,
     "prediction_type": "epsilon",
+    "clip_sample": False,
 }
 
 

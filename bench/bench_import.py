@@ -32,6 +32,7 @@ IMPORTS = {
     ),
 }
 STACKS = {
+    "runtime base (no engine library)": ["numpy", "tokenizers", "pillow", "tqdm"],
     "runtime (base + cpu extra)": ["numpy", "tokenizers", "pillow", "tqdm", "onnxruntime"],
     "diffusers + torch": ["diffusers", "torch"],
     "diffusers + torch + transformers": ["diffusers", "torch", "transformers"],

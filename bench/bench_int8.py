@@ -48,11 +48,11 @@ def build_graphs(work: Path, calib_rows: int) -> dict[str, Path]:
     from diffusers import UNet2DConditionModel
 
     from trt_sd.export.int8.layers import select_layers
-    from trt_sd.export.int8.ort_attention import fuse_attention
     from trt_sd.export.int8.ptq import conv_layers
     from trt_sd.export.int8.qdq_graph import LayerRanges, insert_qdq
     from trt_sd.export.modules import UNetWrapper
     from trt_sd.export.onnx_export import export_onnx, trace_sizes
+    from trt_sd.export.ort_attention import fuse_attention
     from trt_sd.export.verify import random_inputs
     from trt_sd.models import ModelDims, all_components
 

@@ -5,11 +5,13 @@ once with ``--split-unet 2`` at ``--size`` pixels, then generates with the same 
 one simulated device (``devices="cpu"``: both stages, one after the other, on one ONNX Runtime
 thread) and on two (``"cpu,cpu"`` or, with ``--pin``, ``"cpu:0,cpu:1"``: one thread per
 stage, the batch's images as concurrent chains). Both use identical graphs, so the ratio is
-the pipelining alone. Rounds alternate the layouts so a change in machine load hits both; each
-row reports the 1-minute load average next to its figures.
+the pipelining alone (both layouts share the same stage sessions: one copy of the weights).
+Rounds alternate the layouts so a change in machine load hits both; each row reports the
+1-minute load average next to its figures. Run it on an otherwise idle machine: the second
+"device" is the second core, and another process's work on it is lost scaling.
 
-    python bench/bench_multidevice.py --work /tmp/trt-sd-bench-md [--size 256 --batch 2
-        --steps 3 --repeats 3 --pin]
+    python bench/bench_multidevice.py --work /tmp/trt-sd-bench-md [--model SD15_FOLDER
+        --size 256 --batch 2 --steps 10 --repeats 3 --pin]
 
 Throughput = images x steps / UNet seconds (``timings["unet"]``, the denoising loop's UNet
 time; with chains, the slowest chain's).
@@ -48,7 +50,7 @@ def main() -> int:
     parser.add_argument("--work", default="/tmp/trt-sd-bench-md", help="scratch folder")
     parser.add_argument("--size", type=int, default=256, help="image pixels (latent = size/8)")
     parser.add_argument("--batch", type=int, default=2, help="images per generation (chains)")
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pin", action="store_true", help="pin each stage thread to a core")
     parser.add_argument("--json", help="also write the raw rows here")

@@ -193,6 +193,7 @@ class _Builder:
                 "precision": self.precisions[name],
                 "opset": self.opts.opset,
                 "backend": self.opts.backend,
+                "fused_attention": fuses_attention(self.opts.backend, self.precisions[name]),
                 "tensorrt": _trt_settings(self.opts) if self.opts.backend == "tensorrt" else None,
                 "shape_range": self.shapes.to_dict(),
                 "tools": self.tools,
@@ -300,6 +301,11 @@ def build_component(builder: _Builder, component: Component, key: str) -> dict[s
     export_onnx(module, component, trace, path, opset=opts.opset, fp16=precision == "fp16")
     del module
     gc.collect()
+    fused = 0
+    if fuses_attention(opts.backend, precision):
+        from .ort_attention import fuse_attention_file
+
+        fused = fuse_attention_file(path)
     bar.stage("verify")
     record = verify(name, str(path), cases, precision)
     bar.stage("hash")
@@ -317,6 +323,8 @@ def build_component(builder: _Builder, component: Component, key: str) -> dict[s
         "exporter": EXPORTER,
         "bytes": path.stat().st_size,
     }
+    if fused:
+        entry["fused_attention"] = fused
     ext = path.parent / external_data_name(path)
     if ext.is_file():
         entry["external_data"] = {"file": ext.name, "sha256": sha256_file(ext)}
@@ -330,6 +338,13 @@ def build_component(builder: _Builder, component: Component, key: str) -> dict[s
         f"({record['max_abs_error']:.2e} abs, tolerance {record['tolerance']:g})"
     )
     return entry
+
+
+def fuses_attention(backend: str, precision: str) -> bool:
+    """Float graphs for ONNX Runtime get ``com.microsoft.MultiHeadAttention`` (see
+    :mod:`.ort_attention`; INT8 has its own pass); TensorRT fuses attention itself and has no
+    such op."""
+    return backend == "onnxruntime" and precision in ("fp32", "fp16")
 
 
 def _int8_recipe(value: Any, opts: ExportOptions, ckpt: Checkpoint, shapes: ShapeRange) -> Any:

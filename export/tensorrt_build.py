@@ -36,15 +36,11 @@ from typing import TYPE_CHECKING
 
 from trt_sd.models.descriptors import Component, Shape, ShapeRange
 from trt_sd.models.errors import BackendUnavailableError, InputError, TrtSdError
+from trt_sd.models.tensorrt_check import import_tensorrt
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
-INSTALL_HINT = (
-    "TensorRT is not installed: install it from NVIDIA's package index, e.g. "
-    "`pip install --extra-index-url https://pypi.nvidia.com 'trt-sd[tensorrt]'`, "
-    "on a machine with an NVIDIA GPU"
-)
 HARDWARE_LEVELS = ("none", "ampere+", "same-cc")
 
 
@@ -139,19 +135,8 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def require_tensorrt() -> str:
-    """Check that TensorRT is importable and return its version, or raise
-    BackendUnavailableError with how to install it.
-
-    ``tensorrt-stubs`` installed into site-packages leaves a ``tensorrt/`` folder with only
-    ``.pyi`` files that imports as an empty namespace package; that is not TensorRT.
-    """
-    try:
-        import tensorrt
-    except ImportError:
-        raise BackendUnavailableError(INSTALL_HINT) from None
-    if not hasattr(tensorrt, "Builder"):
-        raise BackendUnavailableError(INSTALL_HINT + " (found only type stubs)")
-    return str(tensorrt.__version__)
+    """TensorRT's version, or BackendUnavailableError with how to install it."""
+    return str(import_tensorrt().__version__)
 
 
 def compute_capability(device: int = 0) -> str:

@@ -230,4 +230,3 @@ def solve_flow(
 def vp_from_tilde(x_tilde: np.ndarray, sigma: float) -> np.ndarray:
     """x_t = x~ / sqrt(1 + sigma^2): the VP-scaled sample a diffusers sampler returns."""
     return x_tilde / np.sqrt(1.0 + sigma**2)
-

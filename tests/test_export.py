@@ -112,6 +112,20 @@ def test_manifest_records_what_the_runtime_needs(model_dir, fp32_engines):
     assert (out / "tokenizer" / "tokenizer_config.json").is_file()
 
 
+def test_onnxruntime_graphs_fuse_attention(fp32_engines):
+    """fp32 graphs written for ONNX Runtime run attention as ``com.microsoft.MultiHeadAttention``
+    (numerics: the verification above and test_every_component_matches_diffusers); the manifest
+    counts the fused layers."""
+    import onnx
+
+    out, manifest = fp32_engines
+    graph = onnx.load(str(out / "unet.onnx")).graph
+    fused = [n for n in graph.node if n.op_type == "MultiHeadAttention"]
+    assert fused and {n.domain for n in fused} == {"com.microsoft"}
+    assert not [n for n in graph.node if n.op_type == "Softmax"]  # every attention matched
+    assert manifest.components["unet"].extra["fused_attention"] == len(fused)
+
+
 def test_reexport_reuses_and_changed_weights_invalidate(model_dir, fp32_engines, tmp_path):
     out, first = fp32_engines
     args = {"height": "16:32", "width": "16:24", "batch": "1:2", "progress": False}
@@ -170,6 +184,7 @@ def test_cli_default_model_fp16_is_finite(tmp_path, monkeypatch, capsys):
     assert {e.precision for e in manifest.components.values()} == {"fp16"}
     unet = manifest.components["unet"]
     assert [t["dtype"] for t in unet.inputs] == ["float16", "float32", "float16"]
+    assert unet.extra["fused_attention"] > 0  # fp16 MultiHeadAttention, verified like the rest
     for entry in manifest.components.values():
         assert entry.verification["max_rel_error"] < entry.verification["tolerance"]
     rng = np.random.default_rng(2)

@@ -90,8 +90,13 @@ def final_sigma(st: Stepper) -> float:
     return math.sqrt((1.0 - abar) / abar)
 
 
-def sample_error(problem: Problem, st: Stepper, den: ExactDenoiser, out: np.ndarray,
-                 target: str = "through_last_step") -> float:
+def sample_error(
+    problem: Problem,
+    st: Stepper,
+    den: ExactDenoiser,
+    out: np.ndarray,
+    target: str = "through_last_step",
+) -> float:
     """RMS (over the batch) Euclidean distance of ``out`` to the exact solution of the initial
     value problem the sampler solved (its first model call). ``target``:
 
@@ -113,7 +118,10 @@ def sample_error(problem: Problem, st: Stepper, den: ExactDenoiser, out: np.ndar
     elif target == "through_last_step" and sigma_end == 0.0:
         x_last, sigma_last = den.last
         np.testing.assert_allclose(
-            out, problem.mixture.denoised(x_last, sigma_last), rtol=0, atol=1e-6,
+            out,
+            problem.mixture.denoised(x_last, sigma_last),
+            rtol=0,
+            atol=1e-6,
             err_msg=f"{st.name}: a last step to sigma=0 should return the model's x0 prediction",
         )
         ref = problem.mixture.denoised(problem.flow(x_start, sigma_start, sigma_last), sigma_last)
@@ -140,13 +148,16 @@ def measured_order(steps: tuple[int, ...], errors: list[float]) -> float:
     return float(-np.polyfit(np.log(steps), np.log(errors), 1)[0])
 
 
-def order_of(problem: Problem, label: str, name: str, steps: tuple[int, ...],
-             options: dict[str, Any]) -> tuple[float, list[float]]:
+def order_of(
+    problem: Problem, label: str, name: str, steps: tuple[int, ...], options: dict[str, Any]
+) -> tuple[float, list[float]]:
     errors = [run(problem, name, n, **options)[0] for n in steps]
     order = measured_order(steps, errors)
     local = -np.diff(np.log(errors)) / np.diff(np.log(steps))
-    print(f"\n  {label:28s} order {order:5.2f}  local {np.array2string(local, precision=2)}"
-          f"  error {errors[0]:.2e} @ {steps[0]} -> {errors[-1]:.2e} @ {steps[-1]}")
+    print(
+        f"\n  {label:28s} order {order:5.2f}  local {np.array2string(local, precision=2)}"
+        f"  error {errors[0]:.2e} @ {steps[0]} -> {errors[-1]:.2e} @ {steps[-1]}"
+    )
     return order, errors
 
 
@@ -158,14 +169,21 @@ def test_exact_denoiser_is_the_score(problem: Problem):
     x = np.random.default_rng(1).standard_normal((8, 3)) * 1.5
     h = 1e-6
     for sigma in (0.03, 0.5, 3.0, 14.0):
-        grad = np.stack([
-            (problem.mixture.log_density(x + h * e, sigma)
-             - problem.mixture.log_density(x - h * e, sigma)) / (2 * h)
-            for e in np.eye(3)
-        ], axis=-1)
+        grad = np.stack(
+            [
+                (
+                    problem.mixture.log_density(x + h * e, sigma)
+                    - problem.mixture.log_density(x - h * e, sigma)
+                )
+                / (2 * h)
+                for e in np.eye(3)
+            ],
+            axis=-1,
+        )
         np.testing.assert_allclose(problem.mixture.eps(x, sigma), -sigma * grad, atol=1e-7)
         np.testing.assert_allclose(
-            problem.mixture.denoised(x, sigma), x - sigma * problem.mixture.eps(x, sigma),
+            problem.mixture.denoised(x, sigma),
+            x - sigma * problem.mixture.eps(x, sigma),
             atol=1e-12,
         )
 
@@ -247,8 +265,9 @@ def test_integer_timesteps_cap_the_order(problem: Problem):
     and UniPC name but dpm++3m and dpm-solver-3m) round a Karras grid's timesteps, so the model
     is evaluated off the sigma the update assumes and dpm++3m loses its third order (its
     convergence turns erratic)."""
-    rounded, err_r = order_of(problem, "dpm++3m, integer t", "dpm++3m", KARRAS_STEPS,
-                              {**KARRAS, "exact_timesteps": False})
+    rounded, err_r = order_of(
+        problem, "dpm++3m, integer t", "dpm++3m", KARRAS_STEPS, {**KARRAS, "exact_timesteps": False}
+    )
     exact, err_c = order_of(problem, "dpm++3m, exact t", "dpm++3m", KARRAS_STEPS, KARRAS)
     print(f"  at {KARRAS_STEPS[-1]} steps: integer t {err_r[-1]:.2e} vs exact t {err_c[-1]:.2e}")
     assert rounded < exact - 0.4
@@ -277,13 +296,19 @@ def test_dpmpp_2m_10_steps_vs_ddim_50_steps(problem: Problem):
     err_dpm20 = run(problem, "dpm++2m", 20, target=final)[0]
     err_karras20 = run(problem, "dpm++2m", 20, target=final, **KARRAS)[0]
     _, sigma_last = den_dpm.last
-    print(f"\n  DPM++ 2M, 10 steps (t {st_dpm.timesteps[0]}..{st_dpm.timesteps[-1]} -> sigma 0):"
-          f" error {err_dpm:.4f}")
-    print(f"  DDIM,     50 steps (t {st_ddim.timesteps[0]}..{st_ddim.timesteps[-1]} -> "
-          f"sigma {final_sigma(st_ddim):.4f}): error {err_ddim:.4f}")
+    print(
+        f"\n  DPM++ 2M, 10 steps (t {st_dpm.timesteps[0]}..{st_dpm.timesteps[-1]} -> sigma 0):"
+        f" error {err_dpm:.4f}"
+    )
+    print(
+        f"  DDIM,     50 steps (t {st_ddim.timesteps[0]}..{st_ddim.timesteps[-1]} -> "
+        f"sigma {final_sigma(st_ddim):.4f}): error {err_ddim:.4f}"
+    )
     print(f"  DDIM,     10 steps: error {err_ddim10:.4f}")
-    print(f"  DPM++ 2M, 10 steps, state before its last step (sigma {sigma_last:.3f}):"
-          f" error {err_before:.4f}")
+    print(
+        f"  DPM++ 2M, 10 steps, state before its last step (sigma {sigma_last:.3f}):"
+        f" error {err_before:.4f}"
+    )
     print(f"  DPM++ 2M, 20 steps: error {err_dpm20:.4f}")
     print(f"  DPM++ 2M Karras, 10 steps: error {err_karras:.4f}; 20 steps: {err_karras20:.4f}")
     print(f"  headline claim (DPM++ 2M @10 <= DDIM @50): {err_dpm <= err_ddim}")

@@ -20,7 +20,7 @@ from trt_sd.models import Component, NumericalError
 from trt_sd.models.descriptors import TEXT_ENCODER, UNET, VAE_DECODER
 
 from ..checkpoint import sha256_file
-from .ort_attention import fuse_attention
+from ..ort_attention import fuse_attention
 from .ptq import calibrate
 from .qdq_graph import insert_qdq
 from .recipe import ResolvedRecipe

@@ -31,7 +31,7 @@ consuming layer. Flavours (``QDQ_FLAVOURS``):
   feeds a single ``DQ``; a Conv output read by several layers then stays s8 and its
   ``QLinearConv`` fusion fails (19 of 82 SD 1.5 Convs, measured). TensorRT takes int8 Q/DQ
   only, so this flavour is for ONNX Runtime (the export also fuses its attention into
-  ``com.microsoft.MultiHeadAttention``, :mod:`.ort_attention`).
+  ``com.microsoft.MultiHeadAttention``, :mod:`trt_sd.export.ort_attention`).
 """
 
 from __future__ import annotations

@@ -22,16 +22,13 @@ from types import ModuleType
 from trt_sd.models.descriptors import Component
 from trt_sd.models.errors import BackendUnavailableError, InputError
 from trt_sd.models.manifest import ComponentEntry
+from trt_sd.models.tensorrt_check import INSTALL_HINT, import_tensorrt
 
 from .base import EngineBackend, IOSpec, io_specs
 from .hardware import cuda_device_count, physical_cores
 
 BACKEND_CHOICES = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cuda", "onnxruntime-cpu")
 TENSORRT_MODULE = "trt_sd.runtime.backends.tensorrt"
-TENSORRT_HINT = (
-    "install TensorRT from NVIDIA's package index on a machine with an NVIDIA GPU: "
-    "pip install --extra-index-url https://pypi.nvidia.com 'trt-sd[tensorrt]'"
-)
 
 __all__ = [
     "BACKEND_CHOICES",
@@ -49,12 +46,9 @@ def _tensorrt_module() -> ModuleType:
     """The TensorRT runtime backend module, or BackendUnavailableError saying what is missing."""
     if cuda_device_count() == 0:
         raise BackendUnavailableError(
-            f"TensorRT needs an NVIDIA GPU and none was found; {TENSORRT_HINT}"
+            f"TensorRT needs an NVIDIA GPU and none was found; {INSTALL_HINT}"
         )
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        raise BackendUnavailableError(f"TensorRT is not installed; {TENSORRT_HINT}") from None
+    import_tensorrt()
     try:
         return importlib.import_module(TENSORRT_MODULE)
     except ModuleNotFoundError as e:
