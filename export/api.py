@@ -193,12 +193,19 @@ class _Builder:
                 "precision": self.precisions[name],
                 "opset": self.opts.opset,
                 "backend": self.opts.backend,
-                "fused_attention": fuses_attention(self.opts.backend, self.precisions[name]),
+                "fused_attention": self._attention_revision(name),
                 "tensorrt": _trt_settings(self.opts) if self.opts.backend == "tensorrt" else None,
                 "shape_range": self.shapes.to_dict(),
                 "tools": self.tools,
             }
         )
+
+    def _attention_revision(self, name: str) -> int | None:
+        if not fuses_attention(self.opts.backend, self.precisions[name]):
+            return None
+        from .ort_attention import REVISION
+
+        return REVISION
 
     def _reusable(self, name: str, key: str) -> dict[str, Any] | None:
         if self.previous is None or name not in self.previous.components:

@@ -27,6 +27,9 @@ from typing import Any
 import numpy as np
 
 MS_DOMAIN = "com.microsoft"
+#: Part of the export's content key: bump it when the pass matches or writes something new, so
+#: engine directories exported by an older pass are rebuilt instead of reused.
+REVISION = 2  # 2: projections with bias (the VAE's attention)
 
 
 def _const_value(name: str, producers: dict[str, Any], inits: dict[str, Any]) -> Any:
@@ -61,6 +64,16 @@ def _scale_of(scores: Any, producers: dict[str, Any], inits: dict[str, Any]) -> 
     return scale
 
 
+def _projection(nodes: dict[str, Any], proj: str) -> str:
+    """The output of a q/k/v projection: its ``MatMul``, or the bias ``Add`` after it (the
+    UNet's projections have no bias, the VAE's attention has)."""
+    matmul = nodes[f"{proj}/MatMul"]
+    add = nodes.get(f"{proj}/Add")
+    if add is not None and matmul.output[0] in add.input:
+        return str(add.output[0])
+    return str(matmul.output[0])
+
+
 def _float_source(name: str, producers: dict[str, Any]) -> str:
     """The float tensor behind ``name``: through a ``Q -> DQ`` pair when the layer reading it
     is quantized (the attention output must replace that tensor, not the dequantized copy)."""
@@ -73,13 +86,14 @@ def _float_source(name: str, producers: dict[str, Any]) -> str:
 
 
 def _scopes(graph: Any) -> dict[str, dict[str, Any]]:
-    """Attention scopes (``/unet/.../attn1``) -> their nodes by local name."""
+    """Module scopes (``/unet/.../attn1``, ``/decoder/mid_block/attentions.0``) -> their nodes
+    by local name, the q/k/v/out projections' nodes included (``to_q/MatMul``)."""
     scopes: dict[str, dict[str, Any]] = {}
     for node in graph.node:
         scope, _, local = node.name.rpartition("/")
-        if scope.split("/")[-1].startswith("attn"):
+        if scope.rpartition("/")[2] not in ("to_q", "to_k", "to_v", "to_out.0"):
             scopes.setdefault(scope, {})[local] = node
-        elif scope.rpartition("/")[2] in ("to_q", "to_k", "to_v", "to_out.0"):
+        else:
             parent, _, proj = scope.rpartition("/")
             scopes.setdefault(parent, {})[f"{proj}/{local}"] = node
     return scopes
@@ -99,9 +113,7 @@ def fuse_attention(model: Any) -> int:
     replacements: dict[int, Any] = {}
     for scope, nodes in _scopes(graph).items():
         try:
-            q = nodes["to_q/MatMul"].output[0]
-            k = nodes["to_k/MatMul"].output[0]
-            v = nodes["to_v/MatMul"].output[0]
+            q, k, v = (_projection(nodes, p) for p in ("to_q", "to_k", "to_v"))
             softmax = nodes["Softmax"]
             scores = producers[softmax.input[0]]
             out_proj = nodes["to_out.0/MatMul"]

@@ -119,11 +119,13 @@ def test_onnxruntime_graphs_fuse_attention(fp32_engines):
     import onnx
 
     out, manifest = fp32_engines
-    graph = onnx.load(str(out / "unet.onnx")).graph
-    fused = [n for n in graph.node if n.op_type == "MultiHeadAttention"]
-    assert fused and {n.domain for n in fused} == {"com.microsoft"}
-    assert not [n for n in graph.node if n.op_type == "Softmax"]  # every attention matched
-    assert manifest.components["unet"].extra["fused_attention"] == len(fused)
+    for name in ("unet", "vae_decoder", "vae_encoder"):  # the VAE's attention has q/k/v biases
+        graph = onnx.load(str(out / f"{name}.onnx")).graph
+        fused = [n for n in graph.node if n.op_type == "MultiHeadAttention"]
+        assert fused and {n.domain for n in fused} == {"com.microsoft"}, name
+        assert not [n for n in graph.node if n.op_type == "Softmax"]  # every attention matched
+        assert manifest.components[name].extra["fused_attention"] == len(fused)
+    assert "fused_attention" not in manifest.components["text_encoder"].extra  # CLIP: unmatched
 
 
 def test_reexport_reuses_and_changed_weights_invalidate(model_dir, fp32_engines, tmp_path):
