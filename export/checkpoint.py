@@ -272,6 +272,12 @@ def locate(
     if not path.exists():
         raise InputError(f"model {str(path)!r} does not exist")
     if path.is_dir():
+        if config is not None:
+            raise InputError(
+                "--config is only for single-file checkpoints; "
+                f"{'the bundled model' if bundled else str(path)!r} is already a diffusers "
+                "folder with its own configs"
+            )
         if not (path / "model_index.json").is_file():
             raise InputError(
                 f"{path} is not a diffusers folder (no model_index.json); pass a diffusers "

@@ -17,6 +17,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -26,7 +27,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "run": ("trt_sd.runtime.run_cli", "generate images from an engine directory"),
     "samplers": ("trt_sd.samplers.cli", "list the available samplers"),
-    "bench": ("trt_sd.runtime.bench_cli", "time the engines of an engine directory"),
     "serve": ("trt_sd.runtime.serve_cli", "serve an engine directory over HTTP (Ray Serve)"),
 }
 
@@ -73,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
+        if (e.name or "").startswith("trt_sd"):  # a broken install of trt-sd itself
+            raise
         extra = {"export": "export", "serve": "serve"}.get(name, "cpu")
         print(
             f"error: `trt-sd {name}` needs packages that are not installed ({e.name or e}); "
@@ -80,10 +82,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    parser = argparse.ArgumentParser(prog=f"trt-sd {name}", description=help_text)
+    parser = OneLineParser(prog=f"trt-sd {name}", description=help_text)
     module.add_arguments(parser)
-    args = parser.parse_args(rest)  # argparse itself exits 2 with one line on bad flags
+    try:
+        args = parser.parse_args(rest)
+    except SystemExit as e:  # --help (0) or a bad flag (2, already reported on one line)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     return run_guarded(module.main, args)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one ``error:`` line (and exit 2) instead of the usage block:
+    the same shape as every other trt-sd error, and what a script's log can show whole."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def debug() -> bool:
+    """``TRT_SD_DEBUG=1`` (any value but empty or 0): tracebacks instead of one-line errors."""
+    return os.environ.get("TRT_SD_DEBUG", "") not in ("", "0")
 
 
 def run_guarded(fn, *args) -> int:  # type: ignore[no-untyped-def]
@@ -96,7 +115,7 @@ def run_guarded(fn, *args) -> int:  # type: ignore[no-untyped-def]
         print("interrupted", file=sys.stderr)
         return 130
     except (TrtSdError, ValueError) as e:
-        if os.environ.get("TRT_SD_DEBUG"):
+        if debug():
             raise
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

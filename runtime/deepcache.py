@@ -54,7 +54,10 @@ class DeepCacheConfig:
         if isinstance(self.interval, bool) or not isinstance(self.interval, int):
             raise InputError(f"deepcache interval must be an integer, got {self.interval!r}")
         if self.interval < 1:
-            raise InputError(f"deepcache interval must be >= 1, got {self.interval}")
+            raise InputError(
+                f"deepcache interval must be >= 1 (0 on the CLI / API turns the cache off), "
+                f"got {self.interval}"
+            )
         if self.schedule not in SCHEDULES:
             raise InputError(
                 f"deepcache schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"

@@ -179,18 +179,43 @@ def save_png(file: BinaryIO, image: np.ndarray, infotext: str) -> None:
 def write_png(path: str | os.PathLike[str], image: np.ndarray, infotext: str) -> Path:
     """Write an RGB uint8 image with its infotext, atomically (temp file + rename), so a
     crash or a full disk never leaves a truncated PNG under the final name."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    return write_pngs([(path, image, infotext)])[0]
+
+
+def write_pngs(items: list[tuple[str | os.PathLike[str], np.ndarray, str]]) -> list[Path]:
+    """Write several PNGs all or nothing: every image goes to a temp file beside its target
+    first, and only when all are written are they renamed into place. An unwritable target
+    (missing folder, a directory of that name, no permission, full disk) is an InputError
+    naming it, and leaves none of the images behind."""
+    staged: list[tuple[Path, Path]] = []
     try:
-        with os.fdopen(fd, "wb") as f:
-            save_png(f, image, infotext)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        for target, image, infotext in items:
+            path = Path(target)
+            if path.is_dir():
+                raise InputError(f"cannot write {str(path)!r}: it is a directory")
+            try:
+                fd, tmp = tempfile.mkstemp(
+                    prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or "."
+                )
+            except OSError as e:
+                raise InputError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+            staged.append((Path(tmp), path))
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    save_png(f, image, infotext)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:
+                raise InputError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+        for tmp, path in staged:
+            try:
+                os.replace(tmp, path)
+            except OSError as e:
+                raise InputError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+    return [path for _, path in staged]
 
 
 def read_infotext(path: str | os.PathLike[str]) -> str:

@@ -172,7 +172,9 @@ class Pipeline:
         sampler_options: dict[str, Any] | None = None,
         deepcache: Any = None,
     ) -> GenerationResult:
-        """Generate ``batch`` images. Unset arguments come from the manifest's defaults.
+        """Generate ``batch`` images. Unset prompt, steps, guidance, height and width come from
+        the manifest's defaults; ``sampler`` defaults to ``"dpm++"``. ``batch`` is not inferred:
+        a list ``prompt`` / ``negative_prompt`` and the first axis of ``latents`` must match it.
 
         ``latents``: initial noise (batch, C, h, w), standard normal and unscaled, like
         diffusers' ``latents=`` (it sets height / width when those are unset). ``image`` (path,
@@ -377,25 +379,34 @@ class Pipeline:
         rows = 2 * req.batch if req.cfg else req.batch
         total = stepper.num_model_calls
         bar = progress_reporter(progress, total)
-        try:
-            for i in range(total):
-                x_in = np.asarray(stepper.scale_model_input(x, i), dtype=np.float32)
-                feeds = {
-                    sample_name: np.concatenate([x_in, x_in]) if req.cfg else x_in,
-                    timestep_name: np.full(rows, stepper.timesteps[i], dtype=np.float32),
-                    context_name: embeddings,
-                }
-                out = np.asarray(self._run_unet(i, feeds, timings, cache)[out_name], np.float32)
-                _check_finite(UNET, out, f" at step {i + 1} of {total}")
-                if req.cfg:
-                    uncond, cond = np.split(out, 2)
-                    out = samplers.cfg(cond, uncond, req.guidance, req.guidance_rescale)
-                x = stepper.step(out, i, x)
+        # Overflow is caught below and named (the component, or the sampler's latents); NumPy's
+        # RuntimeWarnings would only add noise beside that one line.
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            try:
+                for i in range(total):
+                    x_in = np.asarray(stepper.scale_model_input(x, i), dtype=np.float32)
+                    feeds = {
+                        sample_name: np.concatenate([x_in, x_in]) if req.cfg else x_in,
+                        timestep_name: np.full(rows, stepper.timesteps[i], dtype=np.float32),
+                        context_name: embeddings,
+                    }
+                    out = np.asarray(self._run_unet(i, feeds, timings, cache)[out_name], np.float32)
+                    _check_finite(UNET, out, f" at step {i + 1} of {total}")
+                    if req.cfg:
+                        uncond, cond = np.split(out, 2)
+                        out = samplers.cfg(cond, uncond, req.guidance, req.guidance_rescale)
+                    x = stepper.step(out, i, x)
+                    if not np.isfinite(x).all():
+                        raise NumericalError(
+                            f"the latents became NaN or inf at step {i + 1} of {total} "
+                            f"({req.sampler}, guidance {req.guidance:g}) although the UNet's "
+                            "outputs were finite: lower the guidance or try another sampler"
+                        )
+                    if bar is not None:
+                        bar(i + 1, total)
+            finally:
                 if bar is not None:
-                    bar(i + 1, total)
-        finally:
-            if bar is not None:
-                bar(-1, total)
+                    bar(-1, total)
         return np.asarray(x, dtype=np.float32)
 
     def _decode(self, x: np.ndarray, timings: dict[str, float]) -> list[np.ndarray]:

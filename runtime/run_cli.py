@@ -54,7 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Karras sigmas (default: the scheduler config's choice)",
     )
-    parser.add_argument("--eta", type=float, help="noise of DDIM / ancestral / SDE samplers")
+    parser.add_argument(
+        "--eta",
+        type=float,
+        help="noise of DDIM and the ancestral samplers (ddim, euler-a, dpm2-a, dpm++2s-a)",
+    )
     parser.add_argument("--image", metavar="FILE", help="init image: img2img")
     parser.add_argument("--strength", type=float, help="img2img strength in (0, 1] (default 0.8)")
     parser.add_argument("--out", metavar="PATH", help="output PNG (default trt-sd-<seed>.png)")
@@ -121,15 +125,18 @@ def timing_table(timings: dict[str, float], unet_calls: int) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from trt_sd.runtime.infotext import format_infotext, write_png
+    from trt_sd.runtime.infotext import format_infotext, write_pngs
     from trt_sd.runtime.pipeline import Pipeline
 
     kwargs = _request_kwargs(args)
     stored_hash = kwargs.pop("_stored_model_hash", None)
-    if args.out:
+    if args.out:  # refuse an unwritable --out before any generation work
         parent = Path(args.out).parent
         if not parent.is_dir():
             raise InputError(f"output directory {str(parent)!r} does not exist")
+        for path in output_paths(args.out, 0, kwargs.get("batch", 1)):
+            if path.is_dir():
+                raise InputError(f"cannot write {str(path)!r}: it is a directory")
     if args.device is not None and args.devices:
         raise InputError("give --device (one GPU) or --devices (a split UNet), not both")
     pipe = Pipeline.load(
@@ -149,8 +156,13 @@ def main(args: argparse.Namespace) -> int:
     params = result.params
     paths = output_paths(args.out, params["seed"], len(result.images))
     version = f"trt-sd {_version()}"
-    for i, (path, image) in enumerate(zip(paths, result.images, strict=True)):
-        write_png(path, image, format_infotext(params, i, version))
+    write_pngs(
+        [
+            (path, image, format_infotext(params, i, version))
+            for i, (path, image) in enumerate(zip(paths, result.images, strict=True))
+        ]
+    )
+    for path in paths:
         print(path)
     if not args.quiet:
         print(timing_table(result.timings, result.unet_calls))

@@ -134,7 +134,17 @@ def stepper(
             f"{config['num_train_timesteps']})"
         )
     t_start = _img2img_start(steps, strength)
-    st = info.stepper_cls(config, steps, t_start, rng=rng, noise_fn=noise_fn, **params)
+    try:
+        st = info.stepper_cls(config, steps, t_start, rng=rng, noise_fn=noise_fn, **params)
+    except IndexError:  # a spaced timestep past the table (e.g. leading + steps_offset)
+        st = None
+    if st is None or float(np.max(st.timesteps)) > config["num_train_timesteps"] - 1:
+        raise ValueError(
+            f"steps={steps} is too many for this schedule: its timesteps would pass the last "
+            f"training timestep {config['num_train_timesteps'] - 1} (timestep_spacing="
+            f"{config.get('timestep_spacing')!r}, steps_offset={config.get('steps_offset', 0)}); "
+            "use fewer steps"
+        )
     st.name = info.name
     return st
 

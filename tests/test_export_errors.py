@@ -38,6 +38,7 @@ def _fails(capsys, argv, needle):
 def test_missing_and_foreign_folders(tmp_path, capsys):
     _fails(capsys, [str(tmp_path / "nope")], "does not exist")
     _fails(capsys, [str(tmp_path)], "not a diffusers folder")
+    _fails(capsys, [str(tmp_path), "--config", str(tmp_path)], "only for single-file")
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "X", "unet": []}))
     _fails(capsys, [str(tmp_path)], "text_encoder/ is missing")
     (tmp_path / "model_index.json").write_text(json.dumps({"text_encoder_2": [], "unet": []}))

@@ -174,6 +174,8 @@ def test_img2img_from_the_cli(capsys, tmp_path: Path) -> None:
         (["--sampler", "nope"], "nope"),
         (["--strength", "0.5"], "--image"),
         (["--from-png", "/nonexistent.png"], "not a readable PNG"),
+        (["--height", "32.5"], "invalid int value"),  # argparse's own errors: one line too
+        (["--bogus"], "unrecognized arguments"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path: Path, argv, message) -> None:
@@ -201,3 +203,29 @@ def test_missing_output_directory(capsys, tmp_path: Path) -> None:
         capsys, "--engines", str(tiny_engines()), "--out", str(tmp_path / "no" / "x.png"), "--quiet"
     )
     assert code == 2 and "does not exist" in err
+
+
+def test_unwritable_outputs_leave_nothing_behind(capsys, tmp_path: Path, monkeypatch) -> None:
+    """A batch whose second file cannot be written is refused before generating, and a
+    failure while writing leaves none of the batch's images (all or nothing)."""
+    (tmp_path / "h-1.png").mkdir()
+    out = str(tmp_path / "h.png")
+    code, _, err = run(
+        capsys, "--engines", str(tiny_engines()), "--batch", "2", "--out", out, *FAST
+    )
+    assert code == 2 and err.count("\n") == 1 and "is a directory" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h-1.png"]
+
+    from trt_sd.models.errors import InputError
+    from trt_sd.runtime.infotext import write_pngs
+
+    image = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(InputError, match="cannot write"):
+        write_pngs([(tmp_path / "a.png", image, "x"), (tmp_path / "no" / "b.png", image, "x")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h-1.png"]  # a.png not left either
+
+
+def test_debug_zero_keeps_one_line_errors(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("TRT_SD_DEBUG", "0")
+    code, _, err = run(capsys, "--engines", str(tiny_engines()), "--steps", "0", "--quiet")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err

@@ -441,3 +441,12 @@ def test_dpmpp_2s_ancestral_is_k_diffusions() -> None:
         if sigmas[i + 1] > 0:
             ref = ref + next(it) * up
     np.testing.assert_allclose(x, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "pndm"])
+def test_steps_past_the_leading_grid_are_refused(name) -> None:
+    """SD 1.5's ``leading`` spacing with ``steps_offset=1`` puts 1000 steps at t = 1..1000, one
+    past the table (diffusers indexes out of bounds there): a ValueError, not an IndexError."""
+    with pytest.raises(ValueError, match="steps=1000 is too many for this schedule"):
+        stepper(name, SD15, 1000)
+    assert stepper(name, SD15, 999).timesteps.max() == 999

@@ -138,6 +138,12 @@ def build_app(options: ServeOptions) -> Any:
         raise InputError(f"replicas must be at least 1, got {options.replicas}")
     if options.autoscale is not None and not 0 <= options.autoscale[0] <= options.autoscale[1]:
         raise InputError(f"autoscale needs 0 <= MIN <= MAX, got {options.autoscale}")
+    if options.cpus_per_replica < 0:
+        raise InputError(f"cpus-per-replica must be >= 0, got {options.cpus_per_replica}")
+    if options.target_ongoing is not None and options.target_ongoing <= 0:
+        raise InputError(
+            f"target-ongoing must be > 0 (requests per replica), got {options.target_ongoing}"
+        )
     check_limits(options.max_queue, options.timeout_s)
     engine_dir, max_batch = resolve_engines(options)
     # Let every request reach a replica (and be answered 429 there when its queue is full)
