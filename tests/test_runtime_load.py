@@ -140,3 +140,45 @@ def test_cuda_backend_matches_cpu() -> None:
     b = gpu("cat", steps=4, seed=1, batch=2).images
     for x, y in zip(a, b, strict=True):
         assert np.abs(x.astype(int) - y.astype(int)).max() <= 2
+
+
+def test_optimised_graph_cache(tmp_path: Path, monkeypatch) -> None:
+    """TRT_SD_ORT_CACHE: the first load writes each component's optimised graph, the next loads
+    it with optimisation off, same images; a damaged entry is rebuilt, not trusted."""
+    import onnxruntime as ort
+
+    from trt_sd.runtime.backends import ort_cache
+
+    engines = tiny_engines()
+    plain = Pipeline.load(engines, backend="onnxruntime-cpu")("a cat", steps=3, seed=4)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TRT_SD_ORT_CACHE", str(cache))
+    first = Pipeline.load(engines, backend="onnxruntime-cpu")
+    entries = sorted(p for p in cache.iterdir() if not p.name.startswith("."))
+    assert [p.name.rsplit("-", 1)[0] for p in entries] == sorted(first.manifest.components)
+    assert all((p / "complete.json").is_file() and (p / "model.onnx").is_file() for p in entries)
+
+    levels = []
+    created = ort.InferenceSession
+
+    def spy(path, sess_options=None, **kwargs):  # type: ignore[no-untyped-def]
+        levels.append((Path(path).parent, sess_options.graph_optimization_level))
+        return created(path, sess_options=sess_options, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    second = Pipeline.load(engines, backend="onnxruntime-cpu")
+    assert {level for _, level in levels} == {ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+    assert sorted(folder for folder, _ in levels) == entries  # every component from the cache
+    for pipe in (first, second):
+        result = pipe("a cat", steps=3, seed=4)
+        assert np.array_equal(result.images[0], plain.images[0])
+
+    (entries[0] / "model.onnx").write_bytes(b"damaged")
+    levels.clear()
+    Pipeline.load(engines, backend="onnxruntime-cpu")
+    assert (entries[0] / "complete.json").is_file()  # rebuilt
+    assert ort.GraphOptimizationLevel.ORT_ENABLE_ALL in {level for _, level in levels}
+
+    monkeypatch.setenv("TRT_SD_ORT_CACHE", str(entries[0] / "complete.json"))
+    with pytest.raises(InputError, match="TRT_SD_ORT_CACHE must be 1, 0 or a folder"):
+        ort_cache.cache_dir()

@@ -7,7 +7,8 @@ Session options, and why (one engine call is a handful of large convolutions / G
 a Python loop that waits for each result):
 
 * ``ORT_ENABLE_ALL`` graph optimisation: constant folding plus the layout and fusion passes
-  (conv+activation, attention, GroupNorm, GELU); the one-off cost is paid at load.
+  (conv+activation, attention, GroupNorm, GELU); the one-off cost is paid at load, or once per
+  machine with ``TRT_SD_ORT_CACHE`` (:mod:`.ort_cache`).
 * intra-op threads = physical cores: the kernels are compute bound; a core's second hardware
   thread adds contention, not throughput. ``TRT_SD_NUM_THREADS=N`` overrides it (several
   pipelines sharing a machine, or a fair single-thread comparison).
@@ -23,6 +24,7 @@ serves concurrent generations.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from trt_sd.models.descriptors import Component
 from trt_sd.models.errors import BackendUnavailableError, InputError, ManifestError
 from trt_sd.models.manifest import ComponentEntry
 
+from . import ort_cache
 from .base import EngineBackend
 from .hardware import cuda_device_count, physical_cores
 
@@ -119,9 +122,11 @@ class OnnxRuntimeBackend(EngineBackend):
             ]
             self.kind = "onnxruntime-cuda"
         try:
-            self.session = ort.InferenceSession(
-                str(path), sess_options=session_options(ort), providers=providers
-            )
+            self.session = self._cached_session(path, entry, providers)
+            if self.session is None:
+                self.session = ort.InferenceSession(
+                    str(path), sess_options=session_options(ort), providers=providers
+                )
         except Exception as e:  # ORT raises its own pybind exception types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ManifestError(
@@ -132,6 +137,36 @@ class OnnxRuntimeBackend(EngineBackend):
                 f"ONNX Runtime fell back to the CPU for {entry.name}; {GPU_HINT}"
             )
         self._output_names = [s.name for s in self.outputs]
+
+    def _cached_session(self, path: Path, entry: ComponentEntry, providers: list[Any]) -> Any:
+        """A CPU session through the optimised-graph cache (``TRT_SD_ORT_CACHE``, see
+        :mod:`.ort_cache`), or None when the cache is off or this is the CUDA provider."""
+        root = ort_cache.cache_dir()
+        if root is None or self.device_id is not None:
+            return None
+        ort = self._ort
+        cached = ort_cache.entry_for(root, entry, ort.__version__)
+        if cached.ready:
+            so = session_options(ort)
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            try:
+                return ort.InferenceSession(str(cached.model), sess_options=so, providers=providers)
+            except Exception:  # a damaged entry: drop it and build it again below
+                shutil.rmtree(cached.folder, ignore_errors=True)
+        try:
+            staged = cached.staging()
+        except OSError:
+            return None  # an unwritable cache only costs the fast load
+        so = session_options(ort)
+        ort_cache.save_options(so, staged / ort_cache.MODEL)
+        try:
+            session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        except Exception:
+            shutil.rmtree(staged, ignore_errors=True)
+            return None  # e.g. a full disk while saving: load it the plain way
+        record = {"engine_file": str(path), "sha256": entry.sha256, "onnxruntime": ort.__version__}
+        cached.commit(staged, record)
+        return session
 
     def run(self, feeds: Mapping[str, Any], keep_on_device: Collection[str] = ()) -> dict[str, Any]:
         cast = self.cast_feeds(feeds)
