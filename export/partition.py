@@ -124,9 +124,9 @@ def plan_sections(builder: Any, split_unet: int | None, deepcache: int | None) -
 
 def section_key(builder: Any, component: Component, plan: SectionPlan) -> str:
     """Cache key of one section graph: the usual component inputs plus the section's I/O."""
-    opts = builder.opts
-    from .api import _trt_settings
+    from .component_build import trt_settings
 
+    opts = builder.opts
     return engine_dir.cache_key(
         {
             "weights": builder.ckpt.weights_hash(UNET),
@@ -136,7 +136,7 @@ def section_key(builder: Any, component: Component, plan: SectionPlan) -> str:
             "precision": builder.precisions[UNET],
             "opset": opts.opset,
             "backend": opts.backend,
-            "tensorrt": _trt_settings(opts) if opts.backend == "tensorrt" else None,
+            "tensorrt": trt_settings(opts) if opts.backend == "tensorrt" else None,
             "shape_range": builder.shapes.to_dict(),
             "tools": builder.tools,
         }
@@ -155,7 +155,7 @@ def build_sections(builder: Any, plan: SectionPlan) -> tuple[dict[str, dict[str,
 def _export_sections(
     builder: Any, plan: SectionPlan, keys: dict[str, str]
 ) -> dict[str, dict[str, Any]]:
-    from .api import _Stages
+    from .component_build import StageBar
     from .onnx_export import export_onnx, trace_sizes
     from .unet_sections import UNetSection, check_supported, torch_env
     from .verify import verification_sizes
@@ -166,7 +166,7 @@ def _export_sections(
 
     labels = ("load", "torch", *(f"export{k}" for k in range(len(plan.sections))), "verify")
 
-    class SectionStages(_Stages):
+    class SectionStages(StageBar):
         STAGES = labels  # type: ignore[assignment]  # more stages than a single graph has
 
     label = f"unet x{len(plan.sections)}"
@@ -211,7 +211,7 @@ def _export_sections(
         entry["cache_key"] = keys[comp.name]
         entries[comp.name] = entry
     if opts.backend == "tensorrt":
-        from .api import build_tensorrt_engine
+        from .component_build import build_tensorrt_engine
 
         bar.stage("engine")
         for comp, _ in plan.sections:

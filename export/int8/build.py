@@ -36,11 +36,11 @@ STAGES = ("load", "calib", "ref", "qat", "export", "verify", "q/dq", "report")
 
 
 def build_int8_component(builder: Any, component: Component, key: str) -> dict[str, Any]:
-    """The INT8 branch of :func:`trt_sd.export.api.build_component` (progress bar, optional
-    TensorRT engine build of the Q/DQ graph, summary line)."""
-    from ..api import _Stages, build_tensorrt_engine
+    """The INT8 branch of :func:`trt_sd.export.component_build.build_component` (progress
+    bar, optional TensorRT engine build of the Q/DQ graph, summary line)."""
+    from ..component_build import StageBar, build_tensorrt_engine
 
-    class Int8Stages(_Stages):
+    class Int8Stages(StageBar):
         STAGES = STAGES  # type: ignore[assignment]
 
     engine = builder.opts.backend == "tensorrt"
