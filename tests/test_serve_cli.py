@@ -50,3 +50,28 @@ def test_missing_engine_dir_fails_fast(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "missing" in err and "\n" not in err
     assert not ray.is_initialized()
+
+
+def test_replicas_get_the_ort_cache_setting(
+    engines: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """--ort-cache (or the driver's TRT_SD_ORT_CACHE) reaches the replicas' environment;
+    a file given as the cache folder is refused before Ray starts."""
+    from trt_sd.runtime.serve.app import ServeOptions, replica_actor_options
+
+    monkeypatch.delenv("TRT_SD_ORT_CACHE", raising=False)
+    plain = replica_actor_options(ServeOptions(engine_dir=str(engines)))
+    assert plain == {"num_gpus": 0.0, "num_cpus": 1.0}
+    cached = replica_actor_options(ServeOptions(engine_dir=str(engines), ort_cache="1"))
+    assert cached["runtime_env"] == {"env_vars": {"TRT_SD_ORT_CACHE": "1"}}
+    monkeypatch.setenv("TRT_SD_ORT_CACHE", str(tmp_path))
+    inherited = replica_actor_options(ServeOptions(engine_dir=str(engines)))
+    assert inherited["runtime_env"] == {"env_vars": {"TRT_SD_ORT_CACHE": str(tmp_path)}}
+    off = replica_actor_options(ServeOptions(engine_dir=str(engines), ort_cache="0"))
+    assert "runtime_env" not in off
+
+    (tmp_path / "file").write_text("x")
+    assert cli_main(["serve", str(engines), "--ort-cache", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: the ONNX Runtime cache setting") and "\n" not in err, err
+    assert not ray.is_initialized()

@@ -38,16 +38,20 @@ MODEL = "model.onnx"
 COMPLETE = "complete.json"
 
 
-def cache_dir() -> Path | None:
-    """The cache folder ``$TRT_SD_ORT_CACHE`` asks for, or None (unset, empty or ``0``)."""
-    value = os.environ.get(CACHE_ENV, "").strip()
+def cache_dir(setting: str | None = None) -> Path | None:
+    """The cache folder a setting (default: ``$TRT_SD_ORT_CACHE``) asks for: None for unset,
+    empty or ``0``; the default folder for ``1``; else that folder."""
+    value = (os.environ.get(CACHE_ENV, "") if setting is None else setting).strip()
     if value in ("", "0"):
         return None
     if value == "1":
         return cache_root() / "ort-cache"
     path = Path(value).expanduser()
     if path.exists() and not path.is_dir():
-        raise InputError(f"{CACHE_ENV} must be 1, 0 or a folder; {value!r} is a file")
+        raise InputError(
+            f"the ONNX Runtime cache setting ({CACHE_ENV}, --ort-cache) must be 1, 0 or a "
+            f"folder; {value!r} is a file"
+        )
     return path
 
 

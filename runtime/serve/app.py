@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,8 @@ class ServeOptions:
     cpus_per_replica: float = 1.0
     autoscale: tuple[int, int] | None = None  # (min, max) replicas; None: fixed ``replicas``
     target_ongoing: float | None = None  # autoscaling target per replica (default max_batch)
+    #: ``TRT_SD_ORT_CACHE`` for the replicas ("1" or a folder; None: this process's own)
+    ort_cache: str | None = None
 
 
 class GeneratorDeployment(Generator):
@@ -132,6 +135,24 @@ def resolve_engines(options: ServeOptions) -> tuple[str, int]:
     return str(path), max_batch
 
 
+def replica_actor_options(options: ServeOptions) -> dict[str, Any]:
+    """Ray actor options of a generation replica: its CPUs / GPUs and, when the optimised-graph
+    cache is on, ``TRT_SD_ORT_CACHE`` in its environment (Ray workers on other machines do not
+    inherit this process's), so a restarted or added replica loads in ~1/5 of the time."""
+    from trt_sd.runtime.backends import ort_cache
+
+    actor: dict[str, Any] = {
+        "num_gpus": options.gpus_per_replica,
+        "num_cpus": options.cpus_per_replica,
+    }
+    setting = options.ort_cache
+    if setting is None:
+        setting = os.environ.get(ort_cache.CACHE_ENV)
+    if setting and ort_cache.cache_dir(setting) is not None:  # validates it
+        actor["runtime_env"] = {"env_vars": {ort_cache.CACHE_ENV: setting}}
+    return actor
+
+
 def build_app(options: ServeOptions) -> Any:
     """The Ray Serve application for ``options`` (``serve.run(build_app(...))``)."""
     if options.replicas < 1:
@@ -161,10 +182,7 @@ def build_app(options: ServeOptions) -> Any:
         }
     generator = serve.deployment(
         name="Generator",
-        ray_actor_options={
-            "num_gpus": options.gpus_per_replica,
-            "num_cpus": options.cpus_per_replica,
-        },
+        ray_actor_options=replica_actor_options(options),
         max_ongoing_requests=ongoing,
         health_check_period_s=5.0,
         **scaling,
