@@ -68,8 +68,7 @@ def replay(unet_fn: UnetFn, trajectories: Trajectories, rows: int = REPLAY_ROWS)
     """Run the UNet once more over every captured row (the hooks see them again)."""
     for start in range(0, len(trajectories), rows):
         index = np.arange(start, min(start + rows, len(trajectories)))
-        feeds = trajectories.feeds(index)
-        unet_fn(feeds["sample"], feeds["timestep"], feeds["encoder_hidden_states"])
+        unet_fn(*trajectories.inputs(index))
 
 
 def calibrate(

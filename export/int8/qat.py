@@ -33,8 +33,8 @@ WEIGHT_LR_FACTOR = 0.01
 def _batch(
     calibration: Calibration, rows: np.ndarray
 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-    feeds = calibration.trajectories.feeds(rows)
-    args = tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values())
+    inputs = calibration.trajectories.inputs(rows)
+    args = tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in inputs)
     return args, torch.from_numpy(calibration.trajectories.outputs[rows])
 
 

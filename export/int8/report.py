@@ -71,8 +71,10 @@ def onnxruntime_unet_fn(path: str | Path) -> UnetFn:
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
+    names = [i.name for i in session.get_inputs()]  # the UNet descriptor's, in its order
+
     def run(sample: np.ndarray, timestep: np.ndarray, hidden: np.ndarray) -> np.ndarray:
-        feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": hidden}
+        feeds = dict(zip(names, (sample, timestep, hidden), strict=True))
         return np.asarray(session.run(None, feeds)[0], dtype=np.float32)
 
     return run
@@ -99,8 +101,7 @@ def replay_outputs(unet_fn: UnetFn, reference: Trajectories) -> np.ndarray:
     outs = []
     for start in range(0, len(reference), ROWS_PER_CALL):
         rows = np.arange(start, min(start + ROWS_PER_CALL, len(reference)))
-        feeds = reference.feeds(rows)
-        outs.append(unet_fn(feeds["sample"], feeds["timestep"], feeds["encoder_hidden_states"]))
+        outs.append(unet_fn(*reference.inputs(rows)))
     return np.concatenate(outs)
 
 

@@ -45,13 +45,14 @@ class Trajectories:
     def __len__(self) -> int:
         return len(self.timesteps)
 
-    def feeds(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """The UNet inputs of ``rows`` in descriptor order and names."""
-        return {
-            "sample": self.samples[rows],
-            "timestep": self.timesteps[rows],
-            "encoder_hidden_states": self.text_table[self.text_index[rows]],
-        }
+    def inputs(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The UNet inputs of ``rows`` in the UNet descriptor's order (sample, timestep, text
+        hidden states): what the wrapper, the ONNX graph and a UnetFn take positionally."""
+        return (
+            self.samples[rows],
+            self.timesteps[rows],
+            self.text_table[self.text_index[rows]],
+        )
 
 
 class TextEncoder:
