@@ -90,12 +90,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="Ray cluster to join (default: start a local one)")
     parser.add_argument(
         "--ort-cache",
-        nargs="?",
-        const="1",
-        metavar="DIR",
+        metavar="1|0|DIR",
         help="keep ONNX Runtime's optimised CPU graphs on each machine so replicas that restart "
-        "or scale out load ~5x faster (DIR, default $TRT_SD_HOME/ort-cache; costs a copy of "
-        "the weights on disk); same as TRT_SD_ORT_CACHE",
+        "or scale out load ~5x faster: 1 = $TRT_SD_HOME/ort-cache, or a folder, 0 = off; "
+        "costs a copy of the weights on disk (default: $TRT_SD_ORT_CACHE)",
     )
 
 

@@ -179,6 +179,15 @@ def test_optimised_graph_cache(tmp_path: Path, monkeypatch) -> None:
     assert (entries[0] / "complete.json").is_file()  # rebuilt
     assert ort.GraphOptimizationLevel.ORT_ENABLE_ALL in {level for _, level in levels}
 
+    # Another process holds an entry's lock: load the plain way, write nothing.
+    busy = tmp_path / "busy"
+    monkeypatch.setenv("TRT_SD_ORT_CACHE", str(busy))
+    unet = first.manifest.components["unet"]
+    ort_cache.entry_for(busy, unet, ort.__version__).lock()
+    Pipeline.load(engines, backend="onnxruntime-cpu")
+    assert not [p for p in busy.iterdir() if p.name.startswith("unet-")]
+
     monkeypatch.setenv("TRT_SD_ORT_CACHE", str(entries[0] / "complete.json"))
     with pytest.raises(InputError, match="must be 1, 0 or a folder"):
         ort_cache.cache_dir()
+    assert ort_cache.cache_dir("off") is None and ort_cache.cache_dir("TRUE").name == "ort-cache"

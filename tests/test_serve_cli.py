@@ -67,11 +67,16 @@ def test_replicas_get_the_ort_cache_setting(
     monkeypatch.setenv("TRT_SD_ORT_CACHE", str(tmp_path))
     inherited = replica_actor_options(ServeOptions(engine_dir=str(engines)))
     assert inherited["runtime_env"] == {"env_vars": {"TRT_SD_ORT_CACHE": str(tmp_path)}}
-    off = replica_actor_options(ServeOptions(engine_dir=str(engines), ort_cache="0"))
-    assert "runtime_env" not in off
+    monkeypatch.chdir(tmp_path)  # a relative folder reaches the replicas made absolute
+    relative = replica_actor_options(ServeOptions(engine_dir=str(engines), ort_cache="oc"))
+    assert relative["runtime_env"] == {"env_vars": {"TRT_SD_ORT_CACHE": str(tmp_path / "oc")}}
+    off = replica_actor_options(ServeOptions(engine_dir=str(engines), ort_cache="off"))
+    assert off["runtime_env"] == {"env_vars": {"TRT_SD_ORT_CACHE": "0"}}  # beats inherited env
 
     (tmp_path / "file").write_text("x")
     assert cli_main(["serve", str(engines), "--ort-cache", str(tmp_path / "file")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: the ONNX Runtime cache setting") and "\n" not in err, err
     assert not ray.is_initialized()
+    assert cli_main(["serve", str(engines), "--ort-cache", str(engines)]) == 2
+    assert "names an engine directory" in capsys.readouterr().err

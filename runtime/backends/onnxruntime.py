@@ -121,8 +121,9 @@ class OnnxRuntimeBackend(EngineBackend):
                 "CPUExecutionProvider",
             ]
             self.kind = "onnxruntime-cuda"
+        cache_root = ort_cache.cache_dir() if device_id is None else None  # InputError as is
         try:
-            self.session = self._cached_session(path, entry, providers)
+            self.session = self._cached_session(path, entry, providers, cache_root)
             if self.session is None:
                 self.session = ort.InferenceSession(
                     str(path), sess_options=session_options(ort), providers=providers
@@ -138,35 +139,47 @@ class OnnxRuntimeBackend(EngineBackend):
             )
         self._output_names = [s.name for s in self.outputs]
 
-    def _cached_session(self, path: Path, entry: ComponentEntry, providers: list[Any]) -> Any:
-        """A CPU session through the optimised-graph cache (``TRT_SD_ORT_CACHE``, see
-        :mod:`.ort_cache`), or None when the cache is off or this is the CUDA provider."""
-        root = ort_cache.cache_dir()
+    def _cached_session(
+        self, path: Path, entry: ComponentEntry, providers: list[Any], root: Path | None
+    ) -> Any:
+        """A CPU session through the optimised-graph cache in ``root`` (see
+        :mod:`.ort_cache`), or None to load the plain way."""
         if root is None or self.device_id is not None:
             return None
         ort = self._ort
         cached = ort_cache.entry_for(root, entry, ort.__version__)
         if cached.ready:
-            so = session_options(ort)
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            try:
-                return ort.InferenceSession(str(cached.model), sess_options=so, providers=providers)
-            except Exception:  # a damaged entry: drop it and build it again below
-                shutil.rmtree(cached.folder, ignore_errors=True)
+            if cached.intact():
+                so = session_options(ort)
+                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+                try:
+                    return ort.InferenceSession(
+                        str(cached.model), sess_options=so, providers=providers
+                    )
+                except Exception:  # memory, limits: not the entry's fault, keep it
+                    return None
+            cached.discard()  # missing or truncated files: rebuild it below
         try:
-            staged = cached.staging()
+            if not cached.lock():
+                return None  # another process is writing this entry
         except OSError:
             return None  # an unwritable cache only costs the fast load
-        so = session_options(ort)
-        ort_cache.save_options(so, staged / ort_cache.MODEL)
         try:
-            session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
-        except Exception:
-            shutil.rmtree(staged, ignore_errors=True)
-            return None  # e.g. a full disk while saving: load it the plain way
-        record = {"engine_file": str(path), "sha256": entry.sha256, "onnxruntime": ort.__version__}
-        cached.commit(staged, record)
-        return session
+            staged = cached.staging()
+            so = session_options(ort)
+            ort_cache.save_options(so, staged / ort_cache.MODEL)
+            try:
+                session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+            except Exception:
+                shutil.rmtree(staged, ignore_errors=True)
+                return None  # e.g. a full disk while saving: load it the plain way
+            record = {"engine_file": str(path), "sha256": entry.sha256, "ort": ort.__version__}
+            cached.commit(staged, record)
+            return session
+        except OSError:
+            return None
+        finally:
+            cached.unlock()
 
     def run(self, feeds: Mapping[str, Any], keep_on_device: Collection[str] = ()) -> dict[str, Any]:
         cast = self.cast_feeds(feeds)

@@ -148,8 +148,10 @@ def replica_actor_options(options: ServeOptions) -> dict[str, Any]:
     setting = options.ort_cache
     if setting is None:
         setting = os.environ.get(ort_cache.CACHE_ENV)
-    if setting and ort_cache.cache_dir(setting) is not None:  # validates it
-        actor["runtime_env"] = {"env_vars": {ort_cache.CACHE_ENV: setting}}
+    if setting is not None:  # validated here, before Ray starts
+        actor["runtime_env"] = {
+            "env_vars": {ort_cache.CACHE_ENV: ort_cache.replica_setting(setting)}
+        }
     return actor
 
 
