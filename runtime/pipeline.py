@@ -51,10 +51,19 @@ class GenerationResult:
     params: dict[str, Any] = field(default_factory=dict)  # the resolved request
 
 
-def _check_finite(name: str, value: np.ndarray, detail: str = "") -> None:
+def unet_overflow_hint(manifest: Manifest) -> str:
+    """What to change when the UNet returns NaN / inf: fp16 engines overflow on some inputs;
+    an fp32 engine only does on latents that already grew absurd (guidance far too high)."""
+    precisions = {e.precision for n, e in manifest.components.items() if n.startswith(UNET)}
+    if precisions == {"fp32"}:  # the UNet, its stages or its DeepCache pair
+        return "; the engine is fp32, so its inputs grew too large: lower the guidance"
+    return "; try an fp32 export"
+
+
+def _check_finite(name: str, value: np.ndarray, detail: str = "", hint: str = "") -> None:
     if np.isfinite(value).all():
         return
-    hint = {
+    hint = hint or {
         VAE_DECODER: (
             "; the fp16 SD VAE overflows on some latents: use the fp32 VAE "
             "(re-export without --vae-fp16)"
@@ -66,6 +75,17 @@ def _check_finite(name: str, value: np.ndarray, detail: str = "") -> None:
         TEXT_ENCODER: "; export the text encoder in fp32",
     }.get(name, "; try an fp32 export")
     raise NumericalError(f"{name} produced NaN or inf{detail}{hint}")
+
+
+def check_latents(x: np.ndarray, step: int, total: int, req: Request) -> None:
+    """The sampler's latents after a step with finite UNet outputs: NaN / inf there means the
+    guidance or the sampler blew up, not the engine (the message says which to change)."""
+    if not np.isfinite(x).all():
+        raise NumericalError(
+            f"the latents became NaN or inf at step {step + 1} of {total} "
+            f"({req.sampler}, guidance {req.guidance:g}) although the UNet's outputs were "
+            "finite: lower the guidance or try another sampler"
+        )
 
 
 def _samplers() -> Any:
@@ -379,6 +399,7 @@ class Pipeline:
         rows = 2 * req.batch if req.cfg else req.batch
         total = stepper.num_model_calls
         bar = progress_reporter(progress, total)
+        unet_hint = unet_overflow_hint(self.manifest)
         # Overflow is caught below and named (the component, or the sampler's latents); NumPy's
         # RuntimeWarnings would only add noise beside that one line.
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -391,17 +412,12 @@ class Pipeline:
                         context_name: embeddings,
                     }
                     out = np.asarray(self._run_unet(i, feeds, timings, cache)[out_name], np.float32)
-                    _check_finite(UNET, out, f" at step {i + 1} of {total}")
+                    _check_finite(UNET, out, f" at step {i + 1} of {total}", unet_hint)
                     if req.cfg:
                         uncond, cond = np.split(out, 2)
                         out = samplers.cfg(cond, uncond, req.guidance, req.guidance_rescale)
                     x = stepper.step(out, i, x)
-                    if not np.isfinite(x).all():
-                        raise NumericalError(
-                            f"the latents became NaN or inf at step {i + 1} of {total} "
-                            f"({req.sampler}, guidance {req.guidance:g}) although the UNet's "
-                            "outputs were finite: lower the guidance or try another sampler"
-                        )
+                    check_latents(x, i, total, req)
                     if bar is not None:
                         bar(i + 1, total)
             finally:

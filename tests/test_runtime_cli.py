@@ -176,6 +176,7 @@ def test_img2img_from_the_cli(capsys, tmp_path: Path) -> None:
         (["--from-png", "/nonexistent.png"], "not a readable PNG"),
         (["--height", "32.5"], "invalid int value"),  # argparse's own errors: one line too
         (["--bogus"], "unrecognized arguments"),
+        (["--guidance", "1e300"], "latents became NaN or inf"),  # no NumPy warnings either
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path: Path, argv, message) -> None:

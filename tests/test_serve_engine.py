@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from runtime_engines import tiny_engines
 
-from trt_sd.models.errors import InputError
+from trt_sd.models.errors import InputError, NumericalError
 from trt_sd.runtime import Pipeline
 from trt_sd.runtime.serve.engine import (
     BatchingEngine,
@@ -222,3 +222,26 @@ def test_close_fails_pending_and_refuses_new(pipe, engine_factory) -> None:
 def test_max_batch_beyond_the_engine_is_refused(pipe) -> None:
     with pytest.raises(InputError, match=r"max-batch 5 is more than .* \(1\.\.4\)"):
         BatchingEngine(pipe, max_batch=5)
+
+
+def test_a_diverging_request_fails_alone(pipe, engine_factory) -> None:
+    """Absurd guidance blows up one request's latents; it fails with a line that says so, and
+    the request sharing its UNet calls and VAE batch is served."""
+    engine = engine_factory(max_batch=2)
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(call: int) -> None:  # both requests join before the first UNet call returns
+        if call == 1:
+            entered.set()
+            release.wait(30)
+
+    with UnetSpy(pipe, hold):
+        blocker = engine.submit(prompt="z", steps=1, seed=3)
+        assert entered.wait(30)
+        bad = engine.submit(prompt="x", steps=4, seed=1, guidance=1e300)
+        good = engine.submit(prompt="y", steps=4, seed=2)
+        release.set()
+        with pytest.raises(NumericalError, match=r"latents became NaN or inf .* guidance"):
+            bad.future.result(timeout=30)
+        assert good.future.result(timeout=30).image.shape == (16, 16, 3)
+        assert blocker.future.result(timeout=30).unet_calls == 1

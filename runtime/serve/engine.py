@@ -37,7 +37,12 @@ import numpy as np
 from trt_sd.models.descriptors import TEXT_ENCODER, UNET, VAE_DECODER
 from trt_sd.models.errors import InputError, NumericalError, TrtSdError
 from trt_sd.runtime.noise import initial_noise
-from trt_sd.runtime.pipeline import Pipeline, resolve_sampler
+from trt_sd.runtime.pipeline import (
+    Pipeline,
+    check_latents,
+    resolve_sampler,
+    unet_overflow_hint,
+)
 from trt_sd.runtime.request import DEFAULT_SAMPLER, build_request
 from trt_sd.samplers import cfg
 
@@ -337,13 +342,17 @@ class BatchingEngine:
         """CFG and one sampler step for one request, exactly as ``Pipeline._denoise``."""
         total = job.stepper.num_model_calls
         if not np.isfinite(out).all():
+            hint = unet_overflow_hint(self.pipe.manifest)
             raise NumericalError(
-                f"unet produced NaN or inf at step {job.step + 1} of {total}; try an fp32 export"
+                f"unet produced NaN or inf at step {job.step + 1} of {total}{hint}"
             )
-        if job.req.cfg:
-            uncond, cond = np.split(out, 2)
-            out = cfg(cond, uncond, job.req.guidance, job.req.guidance_rescale)
-        job.x = job.stepper.step(out, job.step, job.x)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # named below
+            if job.req.cfg:
+                uncond, cond = np.split(out, 2)
+                out = cfg(cond, uncond, job.req.guidance, job.req.guidance_rescale)
+            job.x = job.stepper.step(out, job.step, job.x)
+        # Fail this request alone: NaN latents would fail its whole VAE batch at decode.
+        check_latents(job.x, job.step, total, job.req)
         job.step += 1
 
     def _retire(self) -> None:
