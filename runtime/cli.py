@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(rest)
     except SystemExit as e:  # --help (0) or a bad flag (2, already reported on one line)
-        return e.code if isinstance(e.code, int) else EXIT_USAGE
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
     return run_guarded(module.main, args)
 
 

@@ -183,10 +183,12 @@ def write_png(path: str | os.PathLike[str], image: np.ndarray, infotext: str) ->
 
 
 def write_pngs(items: list[tuple[str | os.PathLike[str], np.ndarray, str]]) -> list[Path]:
-    """Write several PNGs all or nothing: every image goes to a temp file beside its target
-    first, and only when all are written are they renamed into place. An unwritable target
-    (missing folder, a directory of that name, no permission, full disk) is an InputError
-    naming it, and leaves none of the images behind."""
+    """Write several PNGs: every image goes to a temp file beside its target first, and only
+    when all are written are they renamed into place, so an unwritable target (missing folder,
+    a directory of that name, no permission, full disk) is an InputError naming it that leaves
+    none of the images behind, and no file is ever truncated. (A rename itself failing after
+    others succeeded, e.g. a target owned by another user in a sticky folder, leaves the
+    earlier images: renames cannot be made atomic as a group.)"""
     staged: list[tuple[Path, Path]] = []
     try:
         for target, image, infotext in items:

@@ -137,6 +137,9 @@ def stepper(
     try:
         st = info.stepper_cls(config, steps, t_start, rng=rng, noise_fn=noise_fn, **params)
     except IndexError:  # a spaced timestep past the table (e.g. leading + steps_offset)
+        offset = int(config.get("steps_offset") or 0)
+        if steps < config["num_train_timesteps"] - offset:
+            raise  # the grid fits the table: this is a bug, not too many steps
         st = None
     if st is None or float(np.max(st.timesteps)) > config["num_train_timesteps"] - 1:
         raise ValueError(
