@@ -25,7 +25,7 @@ from trt_sd.models.descriptors import UNET, VAE_DECODER, VAE_ENCODER
 
 from . import engine_dir
 from .checkpoint import TOKENIZER_FILES, Checkpoint, locate
-from .component_build import build_component, fuses_attention, trt_settings
+from .component_build import attention_revision, build_component, trt_settings
 from .options import ExportOptions, resolve_options
 from .partition import build_unet_sections, resolve_unet_cut
 
@@ -190,19 +190,12 @@ class _Builder:
                 "precision": self.precisions[name],
                 "opset": self.opts.opset,
                 "backend": self.opts.backend,
-                "fused_attention": self._attention_revision(name),
+                "fused_attention": attention_revision(self.opts.backend, self.precisions[name]),
                 "tensorrt": trt_settings(self.opts) if self.opts.backend == "tensorrt" else None,
                 "shape_range": self.shapes.to_dict(),
                 "tools": self.tools,
             }
         )
-
-    def _attention_revision(self, name: str) -> int | None:
-        if not fuses_attention(self.opts.backend, self.precisions[name]):
-            return None
-        from .ort_attention import REVISION
-
-        return REVISION
 
     def _reusable(self, name: str, key: str) -> dict[str, Any] | None:
         if self.previous is None or name not in self.previous.components:

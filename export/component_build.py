@@ -109,6 +109,16 @@ def fuses_attention(backend: str, precision: str) -> bool:
     return backend == "onnxruntime" and precision in ("fp32", "fp16")
 
 
+def attention_revision(backend: str, precision: str) -> int | None:
+    """The fusion pass revision for the content key of a graph it touches (INT8: its
+    ``onnxruntime`` Q/DQ flavour fuses too; the recipe's flavour is in the key already)."""
+    if precision != "int8" and not fuses_attention(backend, precision):
+        return None
+    from .ort_attention import REVISION
+
+    return REVISION
+
+
 def trt_settings(opts: ExportOptions) -> dict[str, Any]:
     return {
         "optimization_level": opts.trt_optimization_level,

@@ -124,7 +124,7 @@ def plan_sections(builder: Any, split_unet: int | None, deepcache: int | None) -
 
 def section_key(builder: Any, component: Component, plan: SectionPlan) -> str:
     """Cache key of one section graph: the usual component inputs plus the section's I/O."""
-    from .component_build import trt_settings
+    from .component_build import attention_revision, trt_settings
 
     opts = builder.opts
     return engine_dir.cache_key(
@@ -136,6 +136,7 @@ def section_key(builder: Any, component: Component, plan: SectionPlan) -> str:
             "precision": builder.precisions[UNET],
             "opset": opts.opset,
             "backend": opts.backend,
+            "fused_attention": attention_revision(opts.backend, builder.precisions[UNET]),
             "tensorrt": trt_settings(opts) if opts.backend == "tensorrt" else None,
             "shape_range": builder.shapes.to_dict(),
             "tools": builder.tools,
@@ -155,8 +156,9 @@ def build_sections(builder: Any, plan: SectionPlan) -> tuple[dict[str, dict[str,
 def _export_sections(
     builder: Any, plan: SectionPlan, keys: dict[str, str]
 ) -> dict[str, dict[str, Any]]:
-    from .component_build import StageBar
+    from .component_build import StageBar, fuses_attention
     from .onnx_export import export_onnx, trace_sizes
+    from .ort_attention import fuse_attention_file
     from .unet_sections import UNetSection, check_supported, torch_env
     from .verify import verification_sizes
 
@@ -190,13 +192,15 @@ def _export_sections(
         torch_env(unet, layout, _random_unet_inputs(builder, layout.base, sizes, rng))
         for sizes in verification_sizes(builder.shapes)
     ]
-    paths = {}
+    paths, fused = {}, {}
     for k, (comp, layers) in enumerate(plan.sections):
         bar.stage(f"export{k}")
         module = UNetSection(unet, layout, layers, comp.input_names, comp.output_names)
         feeds = {t.name: trace_env[t.name].astype(t.resolved_dtype(precision)) for t in comp.inputs}
         path = builder.build / f"{comp.name}.onnx"
         export_onnx(module, comp, feeds, path, opset=opts.opset, fp16=precision == "fp16")
+        if fuses_attention(opts.backend, precision):  # before verification, like whole graphs
+            fused[comp.name] = fuse_attention_file(path)
         paths[comp.name] = path
         del module
     del unet, trace_env
@@ -209,6 +213,8 @@ def _export_sections(
     for comp, _ in plan.sections:
         entry = _entry(builder, comp, paths[comp.name], precision, records[comp.name])
         entry["cache_key"] = keys[comp.name]
+        if fused.get(comp.name):
+            entry["fused_attention"] = fused[comp.name]
         entries[comp.name] = entry
     if opts.backend == "tensorrt":
         from .component_build import build_tensorrt_engine
