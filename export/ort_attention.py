@@ -74,6 +74,24 @@ def _projection(nodes: dict[str, Any], proj: str) -> str:
     return str(matmul.output[0])
 
 
+#: Ops between a projection and the attention matmuls that only move or scale data.
+_PASS_THROUGH = {"Mul", "Div", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Cast", "Identity"}
+_PASS_THROUGH |= {"QuantizeLinear", "DequantizeLinear"}
+
+
+def _reaches(name: str, source: str, producers: dict[str, Any], depth: int = 12) -> bool:
+    """Whether ``name`` is ``source`` seen through up to ``depth`` reshapes / transposes /
+    constant scalings (following each node's data input, its first)."""
+    for _ in range(depth + 1):
+        if name == source:
+            return True
+        node = producers.get(name)
+        if node is None or node.op_type not in _PASS_THROUGH or not node.input:
+            return False
+        name = node.input[0]
+    return False
+
+
 def _float_source(name: str, producers: dict[str, Any]) -> str:
     """The float tensor behind ``name``: through a ``Q -> DQ`` pair when the layer reading it
     is quantized (the attention output must replace that tensor, not the dequantized copy)."""
@@ -120,6 +138,18 @@ def fuse_attention(model: Any) -> int:
         except KeyError:
             continue
         if scores.op_type != "MatMul" or len(consumers.get(softmax.output[0], [])) != 1:
+            continue
+        (weighted,) = consumers[softmax.output[0]]
+        # The data must flow q -> scores <- k and v -> (softmax @ v), not just the names match:
+        # a variant (normalised q/k, extra projections) is left unfused rather than fused wrong.
+        if not (
+            weighted.op_type == "MatMul"
+            and weighted.input[0] == softmax.output[0]
+            and _reaches(scores.input[0], q, producers)
+            and _reaches(scores.input[1], k, producers)
+            and _reaches(weighted.input[1], v, producers)
+            and _reaches(out_proj.input[0], weighted.output[0], producers)
+        ):
             continue
         # The exporter scales q and k by head_dim ** -0.25 each (a constant Mul on both).
         scale = _scale_of(scores, producers, inits)

@@ -122,6 +122,8 @@ def test_int8_export_record(exported: Path):
     model = onnx.load(str(exported / unet.file))
     int8_weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
     assert len(int8_weights) >= graph["quantized_ops"]["Conv"] + graph["quantized_ops"]["MatMul"]
+    ops = [n.op_type for n in model.graph.node]  # onnxruntime flavour: attention fused, all of it
+    assert "MultiHeadAttention" in ops and "Softmax" not in ops
 
 
 def test_int8_reexport_reuses_the_unet_and_its_report(exported: Path, tiny: Path):
@@ -154,6 +156,7 @@ def test_qat_export_tensorrt_flavour(tiny: Path, tmp_path: Path):
     zero_points = {n.input[2] for n in model.graph.node if n.op_type == "QuantizeLinear"}
     types = {t.data_type for t in model.graph.initializer if t.name in zero_points}
     assert types == {onnx.TensorProto.INT8}  # TensorRT takes int8 Q/DQ only
+    assert not [n for n in model.graph.node if n.domain == "com.microsoft"]  # no ORT-only ops
 
 
 def test_fake_quant_torch_model_is_the_graph(tiny: Path, tmp_path: Path):
