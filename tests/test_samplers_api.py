@@ -330,13 +330,14 @@ def test_third_order_variants_share_the_first_two_steps(true3, compat) -> None:
     assert np.abs(runs[true3][2] - runs[compat][2]).max() > 1e-6
 
 
-def test_dpm_solver_order_3_is_dpm_solver_3m_step() -> None:
-    """``dpm-solver`` with order=3 takes the true third-order step (not diffusers' update);
-    only the timesteps default differs from dpm-solver-3m."""
-    a = stepper("dpm-solver", SD15, 12, order=3)
-    b = stepper("dpm-solver-3m", SD15, 12, exact_timesteps=False)
-    assert a._plan == b._plan
-    assert a._plan != stepper("dpm-solver-3m-compat", SD15, 12)._plan
+@pytest.mark.parametrize("family", ["dpm-solver", "dpm++"])
+def test_diffusers_class_names_at_order_3_keep_diffusers_update(family) -> None:
+    """``dpm-solver`` and ``dpm++`` follow diffusers' class: with order=3 (a config's
+    ``solver_order: 3``) they take its update, as the -3m-compat names do; the true third-order
+    step is only the explicit ``-3m`` name's."""
+    a = stepper(family, SD15, 12, order=3)
+    assert a._plan == stepper(f"{family}3m-compat".replace("solver3", "solver-3"), SD15, 12)._plan
+    assert a._plan != stepper(f"{family}3m".replace("solver3", "solver-3"), SD15, 12)._plan
 
 
 @pytest.mark.parametrize(

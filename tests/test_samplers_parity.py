@@ -118,10 +118,10 @@ CASES = [
             {"algorithm_type": "dpmsolver", "solver_order": o, **SIGMA_MIN},
             {"order": o, **SIGMA_MIN},
         )
-        for o in (1, 2)
+        for o in (1, 2, 3)
     ],
-    # order 3: dpm-solver (and dpm-solver-3m) take the true third-order step; the diffusers
-    # update is the -compat name's (samplers/dpm_solver.py)
+    # the true third-order step is dpm-solver-3m's (samplers/dpm_solver.py); the names that
+    # follow diffusers' class (dpm-solver, dpm++) keep its update, as -3m-compat does
     Case(
         "dpm-solver-3m-compat",
         "DPMSolverMultistepScheduler",
