@@ -14,9 +14,13 @@ again; the CPU and CUDA providers both have fp16 kernels) and to the INT8 ``onnx
 flavour. Only for ONNX Runtime: TensorRT has no ``com.microsoft`` ops (it fuses attention
 itself), so TensorRT exports and the ``tensorrt`` Q/DQ flavour never get this pass.
 
+The export verifies the fused graph against torch like any other; if verification rejects it,
+the plain graph is kept and verified instead (export/component_build.py), so the pass can only
+make an export faster, never fail it.
+
 Matching is by the exporter's node names within one attention scope
 (``.../attn1/to_q/MatMul``, ``.../attn1/Softmax``, ...); a scope that does not match the
-expected shape is left alone.
+expected shape, or whose q/k/v do not flow into the attention matmuls, is left alone.
 """
 
 from __future__ import annotations

@@ -197,3 +197,34 @@ def test_cli_default_model_fp16_is_finite(tmp_path, monkeypatch, capsys):
     }
     (out,) = _session(default_engine_dir() / "unet.onnx").run(None, feeds)
     assert out.dtype == np.float16 and np.isfinite(out).all()
+
+
+def test_fusion_that_fails_verification_falls_back_to_the_plain_graph(
+    model_dir, tmp_path, monkeypatch
+):
+    """A fused attention the verification rejects (here: its scale broken on purpose) is
+    replaced by the plain graph, which verifies; the export does not fail for an optimisation."""
+    import onnx
+
+    from trt_sd.export import ort_attention
+
+    real = ort_attention.fuse_attention_file
+
+    def broken(path):
+        count = real(path)
+        model = onnx.load(str(path))
+        for node in model.graph.node:
+            for attr in node.attribute:
+                if node.op_type == "MultiHeadAttention" and attr.name == "scale":
+                    attr.f = 1.0
+        onnx.save(model, str(path))
+        return count
+
+    monkeypatch.setattr(ort_attention, "fuse_attention_file", broken)
+    out = tmp_path / "engines"
+    manifest = export_model(model_dir, out, batch="1:1", progress=False)
+    for name, entry in manifest.components.items():
+        ops = {n.op_type for n in onnx.load(str(out / entry.file)).graph.node}
+        assert "MultiHeadAttention" not in ops and "fused_attention" not in entry.extra, name
+        assert entry.verification["max_rel_error"] < entry.verification["tolerance"]
+    assert not list(out.glob("*.unfused"))
