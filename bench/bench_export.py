@@ -22,6 +22,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from trt_sd.models.scheduler_configs import sd15_scheduler_config
+
 SD15_UNET = {
     "sample_size": 64,
     "in_channels": 4,
@@ -56,18 +58,7 @@ CLIP_VIT_L_TEXT = {
     "eos_token_id": 49407,
     "pad_token_id": 49407,
 }
-SD15_SCHEDULER = {
-    "_class_name": "PNDMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-    "clip_sample": False,
-}
+SD15_SCHEDULER = sd15_scheduler_config()
 
 
 def build_sd15(folder: Path) -> Path:

@@ -21,17 +21,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-SD15 = {
-    "_class_name": "PNDMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "clip_sample": False,
-}
+from trt_sd.models.scheduler_configs import sd15_scheduler_config
+
+SD15 = sd15_scheduler_config()
 SHAPE = (2, 4, 64, 64)
 WARMUP = 5
 STEPS = 500  # 2nd-order steps all along (>= 15 steps, no repeated timesteps)

@@ -25,20 +25,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.integrate import solve_ivp
 
+from trt_sd.models.scheduler_configs import sd15_scheduler_config
+
 #: Stable Diffusion 1.5's scheduler_config.json (what users of SD 1.x checkpoints get).
-SD15_SCHEDULER_CONFIG: dict = {
-    "_class_name": "PNDMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "clip_sample": False,
-    "prediction_type": "epsilon",
-    "trained_betas": None,
-}
+SD15_SCHEDULER_CONFIG = sd15_scheduler_config()
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,11 @@ import math
 import numpy as np
 import pytest
 
+from trt_sd.models.scheduler_configs import sd15_scheduler_config
 from trt_sd.samplers import SAMPLERS, cfg, describe_samplers, resolve, sample, stepper
 from trt_sd.samplers.base import LinearCombination
 
-SD15 = {
-    "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False,
-    "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False,
-}  # fmt: skip
+SD15 = sd15_scheduler_config()
 SHAPE = (2, 4, 8, 8)
 
 

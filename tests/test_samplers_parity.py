@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from trt_sd.models.scheduler_configs import sd15_scheduler_config
 from trt_sd.samplers import stepper
 from trt_sd.samplers.config import CLASS_DEFAULTS
 
@@ -23,19 +24,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::F
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-SD15 = {  # runwayml/stable-diffusion-v1-5 scheduler_config.json
-    "_class_name": "PNDMScheduler",
-    "_diffusers_version": "0.6.0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "clip_sample": False,
-}
+SD15 = sd15_scheduler_config()
 SD21V = {  # stabilityai/stable-diffusion-2-1 (v-prediction) with trailing spacing
     "_class_name": "DDIMScheduler",
     "beta_end": 0.012,

@@ -11,18 +11,9 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-SD15_SCHEDULER = {
-    "_class_name": "PNDMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-    "clip_sample": False,
-}
+from trt_sd.models.scheduler_configs import sd15_scheduler_config
+
+SD15_SCHEDULER = sd15_scheduler_config()
 
 SD21_SCHEDULER = {
     "_class_name": "DDIMScheduler",
