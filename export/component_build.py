@@ -8,7 +8,6 @@ bar.
 from __future__ import annotations
 
 import gc
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -65,29 +64,27 @@ def build_component(builder: Builder, component: Component, key: str) -> dict[st
     export_onnx(module, component, trace, path, opset=opts.opset, fp16=precision == "fp16")
     del module
     gc.collect()
-    plain = None
     fused = 0
     if fuses_attention(opts.backend, precision):
         from .ort_attention import fuse_attention_file
 
-        plain = path.with_name(path.name + ".unfused")  # the graph only when weights are external
-        shutil.copyfile(path, plain)
-        fused = fuse_attention_file(path)
+        candidate = path.with_name(path.name + ".fused")
+        fused = fuse_attention_file(path, candidate)  # the plain graph stays at `path`
     bar.stage("verify")
-    try:
-        record = verify(name, str(path), cases, precision)
-    except NumericalError as e:
-        if not fused or plain is None:
-            raise
+    record = None
+    if fused:
         # The fusion is an optimisation: a graph it got wrong (an attention variant it did not
-        # expect) falls back to the plain graph, which must then verify on its own.
-        plain.replace(path)
-        fused = 0
-        builder._log(f"{name}: fused attention failed verification ({e}); kept the plain graph")
+        # expect) is dropped, and the plain graph must then verify on its own.
+        try:
+            record = verify(name, str(candidate), cases, precision)
+            candidate.replace(path)
+        except NumericalError as e:
+            fused = 0
+            builder._log(f"{name}: fused attention failed verification ({e}); kept the plain graph")
+        finally:
+            candidate.unlink(missing_ok=True)
+    if record is None:
         record = verify(name, str(path), cases, precision)
-    finally:
-        if plain is not None:
-            plain.unlink(missing_ok=True)
     bar.stage("hash")
     entry: dict[str, Any] = {
         "file": path.name,

@@ -198,12 +198,14 @@ def fuse_attention(model: Any) -> int:
     return len(replacements)
 
 
-def fuse_attention_file(path: Path) -> int:
-    """:func:`fuse_attention` on a saved ONNX file, rewritten in place (atomically).
+def fuse_attention_file(path: Path, target: Path | None = None) -> int:
+    """:func:`fuse_attention` on a saved ONNX file; the fused graph goes to ``target`` (default:
+    ``path`` itself, replaced atomically), written only when something was fused.
 
     Weights in a ``.data`` side file stay where they are: only the graph is loaded and saved,
     and the fused nodes reference no new tensors. The few initializers the pass drops (the
-    reshape shapes around attention) are small enough to be stored inline.
+    reshape shapes around attention) are small enough to be stored inline. ``target`` must sit
+    beside ``path`` so the side file's relative location still resolves.
     """
     import onnx
 
@@ -212,7 +214,7 @@ def fuse_attention_file(path: Path) -> int:
     if fused:
         partial = path.with_name(path.name + ".partial")
         onnx.save(model, str(partial))
-        partial.replace(path)
+        partial.replace(target or path)
     return fused
 
 

@@ -144,7 +144,7 @@ class OnnxRuntimeBackend(EngineBackend):
     ) -> Any:
         """A CPU session through the optimised-graph cache in ``root`` (see
         :mod:`.ort_cache`), or None to load the plain way."""
-        if root is None or self.device_id is not None:
+        if root is None:  # off, or the CUDA provider (not cached)
             return None
         ort = self._ort
         cached = ort_cache.entry_for(root, entry, ort.__version__)

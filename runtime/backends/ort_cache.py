@@ -24,6 +24,7 @@ optimisations are cheap.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -76,8 +77,10 @@ def replica_setting(setting: str) -> str:
     return str(cache_dir(setting))
 
 
+@functools.cache
 def cpu_fingerprint() -> str:
-    """What the optimised graph's layouts depend on: the CPU model and its feature flags."""
+    """What the optimised graph's layouts depend on: the CPU model and its feature flags (read
+    once per process, not once per component)."""
     text = ""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
