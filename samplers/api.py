@@ -16,14 +16,18 @@ from .registry import SAMPLERS, SamplerInfo, resolve
 _COMMON_OPTIONS = ("noise_fn",)
 
 
-def _img2img_start(steps: int, strength: float) -> int:
-    """diffusers' StableDiffusionImg2ImgPipeline.get_timesteps: the step img2img starts at."""
+def _check_strength(strength: float) -> None:
     if (
         isinstance(strength, bool)
         or not isinstance(strength, (int, float))
         or not 0 < strength <= 1
     ):
         raise ValueError(f"strength={strength!r} must be a number in (0, 1]")
+
+
+def _img2img_start(steps: int, strength: float) -> int:
+    """diffusers' StableDiffusionImg2ImgPipeline.get_timesteps: the step img2img starts at."""
+    _check_strength(strength)
     init_timestep = min(int(steps * strength), steps)
     t_start = max(steps - init_timestep, 0)
     if t_start >= steps:
@@ -88,9 +92,11 @@ def stepper(
         ignored, as ``from_config`` ignores them.
     steps: the number of denoising steps before img2img trimming (1..num_train_timesteps).
     karras: Karras sigmas (None: whatever the config / name says).
-    eta: ancestral noise scale (ddim: default 0; euler-a, dpm2-a, dpm++2s-a: default 1).
+    eta: ancestral noise scale (ddim: default 0; euler-a, dpm2-a, dpm++2s-a: default 1;
+        tcd: its gamma, default 0.3).
     rng: the noise source of stochastic samplers (default: a fresh ``default_rng()``).
-    strength: img2img strength; the first ``steps - int(steps * strength)`` steps are skipped.
+    strength: img2img strength; the first ``steps - int(steps * strength)`` steps are skipped
+        (lcm / tcd: all ``steps`` run, drawn from the lower ``strength`` of their grid).
     options: config keys of the sampler's class (``timestep_spacing``, ``final_sigmas_type``,
         ``use_exponential_sigmas``, ...), ``order`` where a sampler has one, and ``noise_fn``
         (``shape -> ndarray``, replaces ``rng`` draws; used to inject a known noise sequence).
@@ -133,7 +139,11 @@ def stepper(
             f"steps={steps} is more than the schedule has (num_train_timesteps="
             f"{config['num_train_timesteps']})"
         )
-    t_start = _img2img_start(steps, strength)
+    if info.strength_in_schedule:  # the sampler picks its timesteps from strength itself
+        _check_strength(strength)
+        t_start, params["strength"] = 0, float(strength)
+    else:
+        t_start = _img2img_start(steps, strength)
     try:
         st = info.stepper_cls(config, steps, t_start, rng=rng, noise_fn=noise_fn, **params)
     except IndexError:  # a spaced timestep past the table (e.g. leading + steps_offset)

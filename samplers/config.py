@@ -41,6 +41,22 @@ _SPACING: dict[str, Any] = {"timestep_spacing": "linspace", "steps_offset": 0}
 _EPS = {"prediction_type": "epsilon"}
 _K_BETAS = {**_BETAS, "beta_start": 0.00085, "beta_end": 0.012}
 
+#: LCMScheduler and TCDScheduler take the same keys with the same defaults
+_CONSISTENCY: dict[str, Any] = {
+    **_K_BETAS,
+    "beta_schedule": "scaled_linear",
+    "original_inference_steps": 50,
+    "clip_sample": False,
+    "clip_sample_range": 1.0,
+    "set_alpha_to_one": True,
+    "steps_offset": 0,
+    **_EPS,
+    **_THRESHOLD,
+    "timestep_spacing": "leading",
+    "timestep_scaling": 10.0,
+    "rescale_betas_zero_snr": False,
+}
+
 #: ``__init__`` defaults of each diffusers 0.42.1 scheduler class (all keys).
 CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
     "DDPMScheduler": {
@@ -134,6 +150,8 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
         "lambda_min_clipped": -math.inf,
         "variance_type": None,
     },
+    "LCMScheduler": _CONSISTENCY,
+    "TCDScheduler": _CONSISTENCY,
     "UniPCMultistepScheduler": {
         **_BETAS,
         "solver_order": 2,

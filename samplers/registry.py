@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .base import Stepper
+from .consistency import LCMStepper, TCDStepper
 from .discrete import DDIMStepper, DDPMStepper, PNDMStepper
 from .dpm_solver import DPMSolverMultistepStepper, DPMSolverSinglestepStepper
 from .k_samplers import (
@@ -49,6 +50,8 @@ class SamplerInfo:
     params: dict[str, Any] = field(default_factory=dict)
     order_key: str | None = None
     extra_defaults: dict[str, Any] = field(default_factory=dict)
+    #: img2img ``strength`` picks the timesteps (LCM / TCD) instead of trimming the call list
+    strength_in_schedule: bool = False
 
 
 def _dpm(
@@ -162,6 +165,12 @@ SAMPLERS: dict[str, SamplerInfo] = {s.name: s for s in [
        "UniPC bh2: order-2 predictor + corrector (order= 1-3)",
        ("UniPC", "uni_pc", "UniPCMultistepScheduler"), order_key="solver_order",
        params={"exact_timesteps": False}),
+    _k("lcm", LCMStepper, "LCMScheduler", 1, "1", True,
+       "Latent Consistency Model sampling (LCM, LCM-LoRA; 1-8 steps, guidance 1-2)",
+       ("LCM", "LCMScheduler"), strength_in_schedule=True),
+    _k("tcd", TCDStepper, "TCDScheduler", 1, "1", True,
+       "Trajectory Consistency Distillation (TCD-LoRA); eta = gamma (0 deterministic)",
+       ("TCD", "TCDScheduler"), params={"eta": 0.3}, strength_in_schedule=True),
 ]}
 # fmt: on
 
