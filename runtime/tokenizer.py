@@ -137,6 +137,16 @@ class ClipTokenizer:
         # costs more than it saves and competes with the engine's threads
         return [self._tok.encode(p, add_special_tokens=False).ids for p in prompts]
 
+    def content_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text without BOS / EOS / padding and untruncated (what prompt
+        chunking (``prompt_chunks``) lays out into 75-token chunks itself)."""
+        return self._content_ids(texts)
+
+    def token_id(self, token: str) -> int | None:
+        """The id of a vocabulary entry (``",</w>"``: the comma chunking backtracks to)."""
+        found = self._tok.token_to_id(token)
+        return None if found is None else int(found)
+
     def decode(self, ids: Sequence[int]) -> str:
         text = self._tok.decode(list(ids), skip_special_tokens=False)
         return text.replace(END_OF_WORD, " ").strip()
