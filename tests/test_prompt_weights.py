@@ -55,7 +55,7 @@ def test_matches_the_webui(prompt: str, expected: list) -> None:
 
 def test_non_numeric_weight_is_an_input_error() -> None:
     """The WebUI crashes with a bare ValueError from float('1.2.3'); we name the problem."""
-    with pytest.raises(InputError, match="prompt weight '1.2.3' is not a number"):
+    with pytest.raises(InputError, match=r"prompt weight '1\.2\.3' is not a number"):
         parse_prompt_attention("(a:1.2.3)")
     with pytest.raises(InputError, match="must be a string"):
         parse_prompt_attention(None)  # type: ignore[arg-type]
