@@ -243,3 +243,33 @@ def test_bad_input(tok) -> None:
         encode_prompts(lambda ids: np.zeros((len(ids), 76, D), np.float32), batch)
     with pytest.raises(InputError, match="max_rows"):
         encode_prompts(fake_encoder(), batch, max_rows=0)
+
+
+def test_with_the_runtime_text_encoder_engine() -> None:
+    """Wired to a real exported text encoder (ONNX Runtime): a plain short prompt gives
+    exactly ``Pipeline.encode_text``'s embeddings; a ~200-token one comes out 3 x 77 long,
+    encoded in calls no larger than the engine's batch range."""
+    pytest.importorskip("torch")
+    from runtime_engines import tiny_engines
+
+    from trt_sd.runtime import Pipeline
+
+    pipe = Pipeline.load(tiny_engines(), backend="onnxruntime-cpu")
+    engine, spec = pipe.engines["text_encoder"], pipe.components["text_encoder"]
+    entry = pipe.manifest.components["text_encoder"]
+    max_rows = entry.shape_range.axis("unet_batch").max  # the engine's batch range
+
+    def encode(ids: np.ndarray) -> np.ndarray:
+        assert len(ids) <= max_rows
+        out = engine.run({spec.inputs[0].name: ids})[spec.outputs[0].name]
+        return engine.to_host(out)
+
+    short = ["painting", "a photo of an astronaut riding a horse on the moon"]
+    got = encode_long_prompts(encode, pipe.tokenizer, short)
+    np.testing.assert_array_equal(got, pipe.encode_text(short))
+    long = "a photo of an astronaut riding a horse on the moon, (seven:1.2), " * 12
+    hidden = encode_long_prompts(encode, pipe.tokenizer, ["", long] * 2, max_rows=max_rows)
+    assert hidden.shape == (4, 3 * 77, got.shape[-1]) and np.isfinite(hidden).all()
+    empty = pipe.encode_text([""])[0]
+    for k in range(3):  # the empty prompt, padded with empty-prompt chunks
+        np.testing.assert_array_equal(hidden[0, 77 * k : 77 * (k + 1)], empty)
