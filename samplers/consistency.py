@@ -173,3 +173,26 @@ class TCDStepper(_ConsistencyStepper):
             return c_x0, c_x, 0.0
         ratio = self._abar(t_next) / a_s  # forward-noise from s back up to t_next
         return ratio**0.5 * c_x0, ratio**0.5 * c_x, (1.0 - ratio) ** 0.5
+
+
+def guidance_scale_embedding(guidance: np.ndarray | float, dim: int, rows: int = 1) -> np.ndarray:
+    """The ``timestep_cond`` input of LCM-distilled UNets (``time_cond_proj_dim`` = ``dim``):
+    diffusers' ``LatentConsistencyModelPipeline.get_guidance_scale_embedding`` of
+    ``w = guidance - 1``, float32 (rows, dim). Such UNets take guidance as this input and run
+    without a CFG batch; LCM-LoRA UNets have no such input (guidance 1-2, plain CFG rule).
+    """
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2:
+        raise ValueError(f"dim={dim!r} must be an integer >= 2 (the UNet's time_cond_proj_dim)")
+    w = np.broadcast_to(np.asarray(guidance, dtype=np.float32) - np.float32(1.0), (rows,))
+    half = dim // 2
+    # in float32 step for step as torch: log(10000) / (half - 1), exp(-k * that), w * 1000
+    scale = np.float32(np.log(np.float32(10000.0))) / np.float32(max(half - 1, 1))
+    # (exp in float64, then rounded: closer to torch's float32 exp than NumPy's float32 one)
+    freqs = np.exp((np.arange(half, dtype=np.float32) * -scale).astype(np.float64))
+    freqs = freqs.astype(np.float32)
+    arg = ((w * np.float32(1000.0))[:, None] * freqs[None, :]).astype(np.float64)
+    # sin / cos of arguments up to ~7000 rad: NumPy's float32 routines lose digits there
+    emb = np.concatenate([np.sin(arg), np.cos(arg)], axis=1).astype(np.float32)
+    if dim % 2:
+        emb = np.pad(emb, ((0, 0), (0, 1)))
+    return emb.astype(np.float32, copy=False)
