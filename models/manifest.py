@@ -16,15 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .descriptors import COMPONENT_NAMES, ModelDims, ShapeRange
+from .descriptors import ModelDims, ShapeRange
 from .errors import ManifestError
+from .families import FamilySpec, family_of
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 PRECISIONS = ("fp32", "fp16", "int8")
 BACKENDS = ("onnxruntime", "tensorrt")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-#: Components every engine directory must have; the VAE encoder (img2img) is optional.
+#: Components every SD 1.x / 2.x engine directory must have (the VAE encoder, for img2img, is
+#: optional); each family lists its own (:attr:`trt_sd.models.families.FamilySpec.required`).
 REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 
 
@@ -120,6 +122,11 @@ class Manifest:
         return dict(self.raw["scheduler"])
 
     @property
+    def family(self) -> FamilySpec:
+        """The model family (``model.family``; manifests without it are SD 1.x)."""
+        return family_of(self.raw)
+
+    @property
     def prediction_type(self) -> str:
         return str(self.raw["prediction_type"])
 
@@ -191,11 +198,13 @@ class Manifest:
         comps_raw = raw["components"]
         if not isinstance(comps_raw, dict):
             raise ManifestError("manifest 'components' must be an object")
-        unknown = [n for n in comps_raw if n not in COMPONENT_NAMES and not n.startswith("unet")]
+        family = family_of(raw)
+        known = family.component_names
+        unknown = [n for n in comps_raw if n not in known and not n.startswith("unet")]
         if unknown:
             raise ManifestError(f"manifest names unknown components: {', '.join(unknown)}")
         components = {n: ComponentEntry.from_dict(n, c) for n, c in comps_raw.items()}
-        absent = [n for n in REQUIRED_COMPONENTS if n not in components]
+        absent = [n for n in family.required if n not in components]
         if absent and not (raw.get("unet_partition") and "unet" in absent and len(absent) == 1):
             raise ManifestError(f"manifest lacks components: {', '.join(absent)}")
         return cls(raw=raw, components=components)

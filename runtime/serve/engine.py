@@ -7,7 +7,9 @@ One scheduler thread owns the engines. Each turn of its loop it
 2. builds one UNet batch from the active requests of one image size - a request's
    ``[uncond, cond]`` rows (or its single row without CFG), each row with the timestep of
    that request's own sampler step (the UNet takes one timestep per row);
-3. splits the output per request, applies its guidance and advances its own stepper;
+3. splits the output per request, applies its guidance and advances its own stepper (the
+   feeds, checks, guidance and step are :class:`trt_sd.runtime.denoise.DenoiseStep`, the
+   code ``Pipeline`` runs);
 4. retires finished requests: VAE decode (same-size requests in one call) and hands the
    image to the waiting caller.
 
@@ -35,16 +37,12 @@ from typing import Any
 import numpy as np
 
 from trt_sd.models.descriptors import TEXT_ENCODER, UNET, VAE_DECODER
-from trt_sd.models.errors import InputError, NumericalError, TrtSdError
+from trt_sd.models.errors import InputError, TrtSdError
+from trt_sd.models.families import PromptRows
+from trt_sd.runtime.denoise import Lane, split_rows
 from trt_sd.runtime.noise import initial_noise
-from trt_sd.runtime.pipeline import (
-    Pipeline,
-    check_latents,
-    resolve_sampler,
-    unet_overflow_hint,
-)
+from trt_sd.runtime.pipeline import Pipeline, resolve_sampler
 from trt_sd.runtime.request import DEFAULT_SAMPLER, build_request
-from trt_sd.samplers import cfg
 
 from .jobs import (
     DEFAULT_MAX_QUEUE,
@@ -125,9 +123,7 @@ class BatchingEngine:
         self.max_queue = max_queue
         self.timeout_s = float(timeout_s)
         self.stats = EngineStats()
-        unet = pipeline.components[UNET]
-        self._sample_name, self._timestep_name, self._context_name = unet.input_names
-        self._unet_out = unet.output_names[0]
+        self._step = pipeline.denoise_step
         self._waiting: deque[Job] = deque()
         self._active: list[Job] = []
         self._cond = threading.Condition()
@@ -151,9 +147,11 @@ class BatchingEngine:
         karras: bool | None = None,
         eta: float | None = None,
         guidance_rescale: float = 0.0,
+        **options: Any,
     ) -> Ticket:
         """Validate a request (the rules and messages of ``trt-sd run``: InputError) and queue
-        it; QueueFullError when the queue is full, EngineStoppedError after :meth:`close`."""
+        it; QueueFullError when the queue is full, EngineStoppedError after :meth:`close`.
+        ``options``: the model family's own (as ``Pipeline.__call__`` takes them)."""
         req = build_request(
             self.pipe.manifest,
             resolve_sampler,
@@ -173,9 +171,11 @@ class BatchingEngine:
             eta=eta,
             sampler_options={},
         )
+        family_options = self.pipe.family.check_options(options, req.height, req.width)
         stepper = self.pipe.make_stepper(req)  # sampler-specific errors surface here, too
         now = time.monotonic()
         job = Job(req, stepper, Future(), now + self.timeout_s, now, next(self._seq))
+        job.options = family_options
         with self._cond:
             if self._stopped or not self._thread.is_alive():
                 raise EngineStoppedError("the generation engine is stopped")
@@ -267,21 +267,21 @@ class BatchingEngine:
         dims = self.pipe.manifest.dims
         rows_limit = self._text_rows.max
         for chunk in chunks(jobs, lambda j: j.rows, rows_limit, len(jobs)):
-            texts = [
-                t
+            rows = [
+                PromptRows.for_request(
+                    j.req.prompts, j.req.negative_prompts, j.req.cfg, j.size, j.options
+                )
                 for j in chunk
-                for t in ((*j.req.negative_prompts, *j.req.prompts) if j.req.cfg else j.req.prompts)
             ]
             try:
-                embeddings = np.asarray(self.pipe.encode_text(texts))
+                conditioning = self.pipe.encode_conditioning(sum(rows[1:], rows[0]))
             except Exception as e:
                 for job in chunk:
                     self._failed(job, e)
                 continue
-            offset = 0
-            for job in chunk:
-                job.embeddings = embeddings[offset : offset + job.rows]
-                offset += job.rows
+            parts = split_rows(conditioning, [j.rows for j in chunk])
+            for job, part in zip(chunk, parts, strict=True):
+                job.embeddings = part
                 shape = (
                     dims.latent_channels,
                     job.req.height // dims.vae_scale_factor,
@@ -301,26 +301,16 @@ class BatchingEngine:
         same = [j for j in order if j.size == size]
         batch = next(chunks(same, lambda j: j.rows, self.max_rows, self.max_batch))
         self._turn += 1
-        samples: list[np.ndarray] = []
-        timesteps: list[float] = []
-        contexts: list[np.ndarray] = []
+        lanes = []
         for job in batch:
             job.turn = self._turn
             x_in = np.asarray(job.stepper.scale_model_input(job.x, job.step), dtype=np.float32)
             t = job.stepper.timesteps[job.step]
-            samples += [x_in] * job.rows
-            timesteps += [t] * job.rows
-            if job.embeddings is not None:
-                contexts.append(job.embeddings)
-        feeds = {
-            self._sample_name: np.concatenate(samples),
-            self._timestep_name: np.asarray(timesteps, dtype=np.float32),
-            self._context_name: np.concatenate(contexts),
-        }
-        rows = len(timesteps)
+            lanes.append(Lane(x_in, t, job.req.cfg, job.embeddings or {}))
+        rows = sum(lane.rows for lane in lanes)
         try:
-            out = self.pipe.engines[UNET].run(feeds)[self._unet_out]
-            out = np.asarray(out, dtype=np.float32)
+            outputs = self.pipe.engines[UNET].run(self._step.feeds(lanes))
+            out = np.asarray(outputs[self._step.output_name], dtype=np.float32)
         except Exception as e:
             for job in batch:
                 self._failed(job, e)
@@ -339,20 +329,12 @@ class BatchingEngine:
                 self._failed(job, e)
 
     def _advance(self, job: Job, out: np.ndarray) -> None:
-        """CFG and one sampler step for one request, exactly as ``Pipeline._denoise``."""
-        total = job.stepper.num_model_calls
-        if not np.isfinite(out).all():
-            hint = unet_overflow_hint(self.pipe.manifest)
-            raise NumericalError(
-                f"unet produced NaN or inf at step {job.step + 1} of {total}{hint}"
-            )
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # named below
-            if job.req.cfg:
-                uncond, cond = np.split(out, 2)
-                out = cfg(cond, uncond, job.req.guidance, job.req.guidance_rescale)
-            job.x = job.stepper.step(out, job.step, job.x)
-        # Fail this request alone: NaN latents would fail its whole VAE batch at decode.
-        check_latents(job.x, job.step, total, job.req)
+        """Checks, CFG and one sampler step for one request (:class:`DenoiseStep`, as in
+        ``Pipeline._denoise``); a failure fails this request alone: NaN latents would fail
+        its whole VAE batch at decode."""
+        step = self._step
+        out = step.output({step.output_name: out}, job.step, job.stepper.num_model_calls)
+        job.x = step.advance(job.req, job.stepper, job.step, job.x, out)
         job.step += 1
 
     def _retire(self) -> None:
@@ -374,7 +356,7 @@ class BatchingEngine:
                 for job, image in zip(chunk, images, strict=True):
                     result = Generated(
                         image,
-                        self.pipe.result_params(job.req),
+                        self.pipe.result_params(job.req, job.options),
                         job.stepper.num_model_calls,
                         time.monotonic() - job.submitted,
                     )
