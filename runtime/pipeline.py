@@ -26,6 +26,7 @@ from trt_sd.models.descriptors import (
     all_components,
 )
 from trt_sd.models.errors import InputError, ManifestError, NumericalError
+from trt_sd.models.integrity import verify_components
 from trt_sd.models.manifest import Manifest
 from trt_sd.models.paths import default_engine_dir
 from trt_sd.models.unet_stages import UNET_SHALLOW
@@ -143,6 +144,7 @@ class Pipeline:
         (:mod:`trt_sd.runtime.deepcache`)."""
         path = Path(engine_dir) if engine_dir is not None else default_engine_dir()
         manifest = Manifest.load(path)
+        verify_components(path, manifest)  # sha256 of every engine file (stamped fast path)
         placement = place(manifest, devices)
         default_cache = resolve_deepcache(manifest, deepcache)
         components = {**all_components(manifest.dims), **deepcache_components(manifest)}

@@ -1,0 +1,381 @@
+"""Declarative validation of ``manifest.json``: the engine directory is untrusted input.
+
+An engine directory may come from anywhere (a colleague, a model zoo, a copied cache), so the
+runtime checks every field it reads before using it: its JSON type, its range, and for file
+names that they stay inside the engine directory. One table per JSON object says what each
+field must be (:data:`TOP`, :data:`COMPONENT`, ...); adding a field is one line. Fields a table
+does not name pass through unchecked (old runtimes ignore what newer exports add), but anything
+whose key looks like a file (``file``, ``*_file``) is always checked as a path.
+
+Errors are :class:`ManifestError` with the field's dotted path, what it must be and the JSON
+type found; values are never echoed beyond a short, quoted prefix, so a message cannot leak the
+content of a file a manifest points at.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+from .errors import ManifestError
+
+Check = Callable[[Any, str], None]
+
+#: generous ceilings: far above any real model, low enough that nothing derived from them
+#: (latent arrays, output paths, loops) can exhaust memory before a request is refused
+MAX_BATCH = 4096
+MAX_PIXELS_SIDE = 16384
+MAX_DIM = 1 << 20
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def shown(value: Any, limit: int = 32) -> str:
+    """A short, safe description of a value for an error message (type, and a truncated repr
+    of short scalars only): never a file's content."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        text = repr(value)
+        return text if len(text) <= limit else f"a {len(text)}-digit number"
+    if isinstance(value, str):
+        text = repr(value[:limit]) + ("..." if len(value) > limit else "")
+        return f"string {text}"
+    return {dict: "an object", list: "an array"}.get(type(value), type(value).__name__)
+
+
+def fail(where: str, wanted: str, value: Any) -> ManifestError:
+    return ManifestError(f"manifest field {where} must be {wanted}, got {shown(value)}")
+
+
+# ---- value checks ---------------------------------------------------------------------------
+def integer(lo: int | None = None, hi: int | None = None) -> Check:
+    def check(value: Any, where: str) -> None:
+        wanted = "an integer" + _bounds(lo, hi)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail(where, wanted, value)
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise fail(where, wanted, value)
+
+    return check
+
+
+def number(lo: float | None = None, hi: float | None = None, open_lo: bool = False) -> Check:
+    def check(value: Any, where: str) -> None:
+        wanted = "a finite number" + _bounds(lo, hi, open_lo)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise fail(where, wanted, value)
+        if not math.isfinite(value):
+            raise fail(where, wanted, value)
+        if lo is not None and (value < lo or (open_lo and value == lo)):
+            raise fail(where, wanted, value)
+        if hi is not None and value > hi:
+            raise fail(where, wanted, value)
+
+    return check
+
+
+def _bounds(lo: float | None, hi: float | None, open_lo: bool = False) -> str:
+    if lo is not None and hi is not None:
+        return f" in {'(' if open_lo else '['}{lo}, {hi}]"
+    if lo is not None:
+        return f" {'>' if open_lo else '>='} {lo}"
+    return "" if hi is None else f" <= {hi}"
+
+
+def string(choices: tuple[str, ...] | None = None, max_len: int = 4096) -> Check:
+    def check(value: Any, where: str) -> None:
+        wanted = f"one of {', '.join(choices)}" if choices else "a string"
+        if not isinstance(value, str) or len(value) > max_len:
+            raise fail(where, wanted, value)
+        if choices is not None and value not in choices:
+            raise fail(where, wanted, value)
+
+    return check
+
+
+def boolean(value: Any, where: str) -> None:
+    if not isinstance(value, bool):
+        raise fail(where, "true or false", value)
+
+
+def sha256(value: Any, where: str) -> None:
+    if not isinstance(value, str) or not _SHA256.match(value):
+        raise fail(where, "a sha256 digest (64 lowercase hex digits)", value)
+
+
+def relpath(value: Any, where: str) -> None:
+    """A file name relative to the engine directory that cannot leave it: no absolute path,
+    no ``..``, no backslashes or drive letters (read the same on every OS). Symlinks that lead
+    out are refused when the directory is loaded (:func:`trt_sd.models.integrity`)."""
+    wanted = "a relative path inside the engine directory"
+    if not isinstance(value, str) or not value or len(value) > 1024 or "\x00" in value:
+        raise fail(where, wanted, value)
+    parts = PurePosixPath(value).parts
+    if (
+        value.startswith("/")
+        or "\\" in value
+        or ":" in value
+        or any(p in ("..", ".") for p in value.split("/"))
+        or not parts
+    ):
+        raise fail(where, wanted, value)
+
+
+def array(item: Check, min_len: int = 0, max_len: int = 1 << 16) -> Check:
+    def check(value: Any, where: str) -> None:
+        if not isinstance(value, list) or not min_len <= len(value) <= max_len:
+            raise fail(where, f"an array of {min_len}..{max_len} items", value)
+        for i, v in enumerate(value):
+            item(v, f"{where}[{i}]")
+
+    return check
+
+
+def nullable(check: Check) -> Check:
+    """``null`` allowed (export writes it for absent optional parts)."""
+
+    def inner(value: Any, where: str) -> None:
+        if value is not None:
+            check(value, where)
+
+    return inner
+
+
+def any_json(value: Any, where: str) -> None:
+    """Free-form data the runtime only reports (tool versions, timings)."""
+
+
+@dataclass(frozen=True)
+class Field:
+    check: Check
+    required: bool = False
+
+
+def obj(fields: Mapping[str, Field], values: Check | None = None) -> Check:
+    """A JSON object whose named keys follow ``fields``; other keys follow ``values`` when
+    given, else pass (but a key that names a file is always checked as a path)."""
+
+    def check(value: Any, where: str) -> None:
+        if not isinstance(value, dict):
+            raise fail(where, "an object", value)
+        missing = [k for k, f in fields.items() if f.required and k not in value]
+        if missing:
+            place = f"field {where}" if where else "manifest.json"
+            raise ManifestError(f"{place} lacks required keys: {', '.join(missing)}")
+        for key, v in value.items():
+            if not isinstance(key, str):  # pragma: no cover - JSON keys are strings
+                raise fail(where, "an object with string keys", key)
+            sub = f"{where}.{key}" if where else key
+            if key in fields:
+                fields[key].check(v, sub)
+            elif values is not None:
+                values(v, sub)
+            elif is_file_key(key) and v is not None:
+                relpath(v, sub)
+
+    return check
+
+
+def is_file_key(key: str) -> bool:
+    """Keys that name files in the engine directory (``file``, ``onnx_file``, ...)."""
+    return key == "file" or key.endswith("_file")
+
+
+def req(check: Check) -> Field:
+    return Field(check, required=True)
+
+
+def opt(check: Check) -> Field:
+    return Field(check)
+
+
+# ---- the tables -----------------------------------------------------------------------------
+def _range(hi: int) -> Check:
+    def check(value: Any, where: str) -> None:
+        array(integer(1, hi), 3, 3)(value, where)
+        if not value[0] <= value[1] <= value[2]:
+            raise fail(where, "[min, opt, max] with min <= opt <= max", value)
+
+    return check
+
+
+def shape_range(value: Any, where: str) -> None:
+    obj(
+        {
+            "batch": req(_range(MAX_BATCH)),
+            "height": req(_range(MAX_PIXELS_SIDE)),
+            "width": req(_range(MAX_PIXELS_SIDE)),
+            "vae_scale_factor": opt(integer(1, 64)),
+        }
+    )(value, where)
+    factor = value.get("vae_scale_factor", 8)
+    for axis in ("height", "width"):
+        if any(v % factor for v in value[axis]):
+            raise fail(f"{where}.{axis}", f"multiples of vae_scale_factor {factor}", value[axis])
+
+
+_AXIS = lambda v, w: (  # noqa: E731 - an axis is a symbol ("unet_batch") or a fixed size
+    string(max_len=64)(v, w) if isinstance(v, str) else integer(0, MAX_DIM)(v, w)
+)
+TENSOR = obj(
+    {
+        "name": req(string(max_len=256)),
+        "dtype": req(string(max_len=32)),
+        "shape": req(array(_AXIS, 0, 16)),
+    }
+)
+DATA_FILE = obj({"file": req(relpath), "sha256": req(sha256)})
+
+#: one component entry (``manifest.components.<name>``)
+COMPONENT_FIELDS: dict[str, Field] = {
+    "file": req(relpath),
+    "sha256": req(sha256),
+    "backend": req(string()),  # the allowed set is checked by ComponentEntry (better message)
+    "precision": req(string()),
+    "inputs": req(array(TENSOR, 1, 64)),
+    "outputs": req(array(TENSOR, 1, 64)),
+    "shape_range": req(shape_range),
+    "verification": opt(nullable(obj({}))),
+    "external_data": opt(nullable(DATA_FILE)),
+    "onnx_file": opt(relpath),
+    "onnx_sha256": opt(sha256),
+    "bytes": opt(integer(0)),
+    "opset": opt(integer(1, 1000)),
+    "static_shapes": opt(boolean),
+    "version_compatible": opt(boolean),
+    "tensorrt_version": opt(string(max_len=64)),
+    "compute_capability": opt(string(max_len=64)),
+    "hardware_compatible": opt(string(max_len=64)),
+}
+
+_DIM_NAMES = ("text_hidden_size", "unet_in_channels", "unet_out_channels", "latent_channels")
+DIMS = obj(
+    {
+        **{k: opt(integer(1, MAX_DIM)) for k in (*_DIM_NAMES, "image_channels")},
+        "text_max_length": opt(integer(3, 4096)),
+        "vae_scale_factor": opt(integer(1, 64)),
+    }
+)
+
+TOKENIZER = obj(
+    {
+        "vocab": req(relpath),
+        "merges": req(relpath),
+        "max_length": opt(nullable(integer(3, 4096))),
+        **{k: opt(string(max_len=256)) for k in ("bos", "eos", "pad", "unk")},
+        **{f"{k}_token": opt(string(max_len=256)) for k in ("bos", "eos", "pad", "unk")},
+        "do_lower_case": opt(boolean),
+    }
+)
+
+#: diffusers scheduler_config.json keys the samplers read (others pass verbatim)
+SCHEDULER = obj(
+    {
+        "num_train_timesteps": opt(integer(2, 100_000)),
+        "beta_start": opt(number(0, 1)),
+        "beta_end": opt(number(0, 1)),
+        "beta_schedule": opt(string(max_len=64)),
+        "trained_betas": opt(nullable(array(number(0, 1), 2, 100_000))),
+        "steps_offset": opt(integer(0, 100_000)),
+        "timestep_spacing": opt(string(max_len=64)),
+        "prediction_type": opt(string(max_len=64)),
+        "set_alpha_to_one": opt(boolean),
+        "clip_sample": opt(boolean),
+        "clip_sample_range": opt(number(0)),
+        "use_karras_sigmas": opt(nullable(boolean)),
+        "use_exponential_sigmas": opt(nullable(boolean)),
+        "rescale_betas_zero_snr": opt(nullable(boolean)),
+        "solver_order": opt(integer(1, 3)),
+        "final_sigmas_type": opt(string(max_len=64)),
+        "interpolation_type": opt(string(max_len=64)),
+        "sigma_min": opt(nullable(number(0))),
+        "sigma_max": opt(nullable(number(0))),
+        "timestep_type": opt(string(max_len=64)),
+    }
+)
+
+DEFAULTS = obj(
+    {
+        "height": opt(integer(1, MAX_PIXELS_SIDE)),
+        "width": opt(integer(1, MAX_PIXELS_SIDE)),
+        "steps": opt(integer(1, 1000)),
+        "guidance": opt(number(0, 1000)),
+        "prompt": opt(string(max_len=4096)),
+        "negative_prompt": opt(string(max_len=4096)),
+        "sampler": opt(string(max_len=64)),
+    }
+)
+
+MODEL = obj(
+    {k: opt(nullable(string(max_len=4096))) for k in ("name", "source", "hash", "family", "format")}
+)
+
+
+def schema_version(value: Any, where: str) -> None:
+    # bool is an int subclass: `true` must not read as version 1
+    integer(1)(value, where)
+
+
+def components(value: Any, where: str) -> None:
+    """Every entry follows :data:`COMPONENT_FIELDS` (names are checked by the Manifest)."""
+    if not isinstance(value, dict) or not value:
+        raise fail(where, "a non-empty object", value)
+    for name, entry in value.items():
+        obj(COMPONENT_FIELDS)(entry, f"{where}.{name}")
+
+
+#: the top level of ``manifest.json``
+TOP_FIELDS: dict[str, Field] = {
+    "schema_version": req(schema_version),
+    "model": req(MODEL),
+    "components": req(components),
+    "scheduler": req(SCHEDULER),
+    "prediction_type": req(string()),
+    "vae_scaling_factor": req(number(0, 1000, open_lo=True)),
+    "tokenizer": req(TOKENIZER),
+    "dims": req(DIMS),
+    "defaults": opt(nullable(DEFAULTS)),
+    "unet_partition": opt(nullable(obj({}))),
+    "unet_deepcache": opt(nullable(obj({}))),
+    "quantization": opt(nullable(obj({}))),
+    "export": opt(nullable(obj({}))),
+    "tools": opt(nullable(obj({}))),
+    "created": opt(nullable(string(max_len=64))),
+}
+
+
+def validate(raw: Any) -> None:
+    """ManifestError naming the first field that is not what :data:`TOP_FIELDS` says."""
+    if not isinstance(raw, dict):
+        raise ManifestError("manifest.json does not hold a JSON object")
+    obj(TOP_FIELDS)(raw, "")
+
+
+def named_files(raw: Any) -> list[str]:
+    """Every file name a (validated) manifest names, wherever it sits: ``file`` / ``*_file``
+    keys at any depth (component files, external data, the ONNX graph of a TensorRT engine,
+    stage files) and the tokenizer's files."""
+    found: list[str] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for key, v in value.items():
+                if is_file_key(str(key)) and isinstance(v, str):
+                    found.append(v)
+                else:
+                    walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+
+    walk(raw)
+    tokenizer = raw.get("tokenizer") if isinstance(raw, dict) else None
+    if isinstance(tokenizer, dict):
+        found += [tokenizer[k] for k in ("vocab", "merges") if isinstance(tokenizer.get(k), str)]
+    return list(dict.fromkeys(found))
