@@ -52,13 +52,29 @@ class GenerationResult:
     params: dict[str, Any] = field(default_factory=dict)  # the resolved request
 
 
-def unet_overflow_hint(manifest: Manifest) -> str:
+def unet_overflow_hint(manifest: Manifest, sample: np.ndarray | None = None) -> str:
     """What to change when the UNet returns NaN / inf: fp16 engines overflow on some inputs;
-    an fp32 engine only does on latents that already grew absurd (guidance far too high)."""
+    an fp32 engine only does on latents that already grew absurd (guidance far too high) -
+    given ordinary inputs (``sample``, what the UNet was fed) it is the engine that is at
+    fault, and blaming the guidance would send the user the wrong way."""
     precisions = {e.precision for n, e in manifest.components.items() if n.startswith(UNET)}
     if precisions == {"fp32"}:  # the UNet, its stages or its DeepCache pair
+        if sample is not None and _ordinary(sample):
+            return (
+                "; its inputs were finite and of ordinary size, so the engine itself is at "
+                "fault (a corrupt or mis-built engine file): re-export it"
+            )
         return "; the engine is fp32, so its inputs grew too large: lower the guidance"
     return "; try an fp32 export"
+
+
+#: scaled model inputs are ~unit variance; only a run that is diverging exceeds this
+ORDINARY_INPUT = 50.0
+
+
+def _ordinary(sample: np.ndarray) -> bool:
+    x = np.asarray(sample, dtype=np.float64)
+    return bool(np.isfinite(x).all() and (x.size == 0 or np.abs(x).max() <= ORDINARY_INPUT))
 
 
 def _check_finite(name: str, value: np.ndarray, detail: str = "", hint: str = "") -> None:
@@ -401,7 +417,6 @@ class Pipeline:
         rows = 2 * req.batch if req.cfg else req.batch
         total = stepper.num_model_calls
         bar = progress_reporter(progress, total)
-        unet_hint = unet_overflow_hint(self.manifest)
         # Overflow is caught below and named (the component, or the sampler's latents); NumPy's
         # RuntimeWarnings would only add noise beside that one line.
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -414,7 +429,9 @@ class Pipeline:
                         context_name: embeddings,
                     }
                     out = np.asarray(self._run_unet(i, feeds, timings, cache)[out_name], np.float32)
-                    _check_finite(UNET, out, f" at step {i + 1} of {total}", unet_hint)
+                    if not np.isfinite(out).all():
+                        hint = unet_overflow_hint(self.manifest, x_in)
+                        _check_finite(UNET, out, f" at step {i + 1} of {total}", hint)
                     if req.cfg:
                         uncond, cond = np.split(out, 2)
                         out = samplers.cfg(cond, uncond, req.guidance, req.guidance_rescale)

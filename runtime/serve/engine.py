@@ -275,8 +275,11 @@ class BatchingEngine:
             try:
                 embeddings = np.asarray(self.pipe.encode_text(texts))
             except Exception as e:
-                for job in chunk:
-                    self._failed(job, e)
+                if len(chunk) > 1:  # isolate: a failure fails only its own request
+                    for job in chunk:
+                        self._start([job])
+                else:
+                    self._failed(chunk[0], e)
                 continue
             offset = 0
             for job in chunk:
@@ -342,7 +345,8 @@ class BatchingEngine:
         """CFG and one sampler step for one request, exactly as ``Pipeline._denoise``."""
         total = job.stepper.num_model_calls
         if not np.isfinite(out).all():
-            hint = unet_overflow_hint(self.pipe.manifest)
+            sample = job.stepper.scale_model_input(job.x, job.step)
+            hint = unet_overflow_hint(self.pipe.manifest, sample)
             raise NumericalError(
                 f"unet produced NaN or inf at step {job.step + 1} of {total}{hint}"
             )
