@@ -143,10 +143,12 @@ def _number(value: Any, what: str) -> float:
     return number
 
 
-def _bounded(value: Any, what: str, lo: int, hi: int) -> int:
+def _bounded(value: Any, what: str, lo: int | None, hi: int) -> int:
     number = _integer(value, what)
-    if not lo <= number <= hi:
-        raise InputError(f"{what} must be in {lo}..{hi}, got {number}")
+    if lo is not None and number < lo:
+        raise InputError(f"{what} must be at least {lo}, got {number}")
+    if number > hi:
+        raise InputError(f"{what} must be at most {hi}, got {number}")
     return number
 
 
@@ -244,7 +246,7 @@ def build_request(
     if not 0 <= seed <= MAX_SEED - batch:
         raise InputError(f"seed must be in [0, 2**63 - 1 - batch], got {seed}")
     height = height if height is not None else default_size(manifest, "height")
-    height = _bounded(height, "height", 1, MAX_SIDE)
+    height = _bounded(height, "height", None, MAX_SIDE)  # too small: check_size says how
     width = _bounded(
         width if width is not None else default_size(manifest, "width"), "width", 1, MAX_SIDE
     )

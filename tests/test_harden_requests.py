@@ -59,7 +59,7 @@ def test_any_argument_is_a_request_or_an_input_error(field: str, value: Any) -> 
     try:
         req = build_request(MANIFEST, resolve_sampler, **{**ARGS, field: value})
     except InputError as e:
-        assert "\n" not in str(e) and len(str(e)) < 300
+        assert "\n" not in str(e) and len(str(e)) < 800
         return
     assert isinstance(req, Request) and isinstance(req.steps, int)
     assert all(isinstance(p, str) for p in req.prompts)
@@ -136,12 +136,12 @@ def test_ingress_refuses_a_large_body_while_streaming() -> None:
     ("field", "value", "message"),
     [
         ("steps", float("inf"), "steps must be an integer, got inf"),
-        ("steps", 10**9, "steps must be in 1..1000"),
+        ("steps", 10**9, "steps must be at most 1000"),
         ("prompt", 5, "prompt must be a string or a list of strings, got 5"),
         ("prompt", b"cat", "prompt must be a string"),
         ("negative_prompt", ["\udfff"], "negative_prompt is not valid Unicode"),
-        ("batch", 10**9, "batch must be in 1..4096"),
-        ("height", 10**12, "height must be in 1..16384"),
+        ("batch", 10**9, "batch must be at most 4096"),
+        ("height", 10**12, "height must be at most 16384"),
         ("seed", np.float64("nan"), "seed must be an integer"),
         ("karras", "yes", "karras must be true, false or unset"),
         ("sampler", 3, "sampler must be a sampler name"),
@@ -170,7 +170,7 @@ def test_huge_batch_is_refused_at_once_on_the_cli(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip() == "error: batch must be in 1..4096, got 1000000000"
+    assert proc.stderr.strip() == "error: batch must be at most 4096, got 1000000000"
     assert time.monotonic() - start < 30
 
 
