@@ -275,3 +275,22 @@ def test_ort_cache_is_keyed_on_the_bytes_not_the_claim(engines_copy: Path, tmp_p
     assert forged.folder != genuine.folder
     same = ort_cache.entry_for(tmp_path, entry, "1.0", engines_copy / entry.file)
     assert same.folder == genuine.folder
+
+
+def test_serve_on_a_corrupt_engine_dir_is_one_line(engines_copy: Path, capsys: Any) -> None:
+    """Refused before Ray starts: one line, exit 2 (schema, then integrity)."""
+    pytest.importorskip("ray.serve")
+    from trt_sd.runtime.cli import main
+
+    good = json.loads((engines_copy / "manifest.json").read_text("utf-8"))
+    _edit(engines_copy, lambda d: d["dims"].update(vae_scale_factor=None))
+    assert main(["serve", str(engines_copy)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "dims.vae_scale_factor" in err and "Traceback" not in err
+
+    (engines_copy / "manifest.json").write_text(json.dumps(good), "utf-8")
+    with open(engines_copy / "unet.onnx", "ab") as f:
+        f.write(b"tampered")
+    assert main(["serve", str(engines_copy)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not match the sha256" in err
