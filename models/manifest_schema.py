@@ -317,6 +317,63 @@ MODEL = obj(
 )
 
 
+def one_of(*checks: Check) -> Check:
+    """The first check that accepts the value's JSON type decides (int or list, ...)."""
+
+    def check(value: Any, where: str) -> None:
+        errors = []
+        for c in checks:
+            try:
+                c(value, where)
+                return
+            except ManifestError as e:
+                errors.append(e)
+        raise errors[0]
+
+    return check
+
+
+_BLOCKS = 16
+#: the UNet layer layout that partition / DeepCache plans rebuild (sizes bound the loops)
+LAYOUT = obj(
+    {
+        "block_out_channels": req(array(integer(1, 1 << 16), 1, _BLOCKS)),
+        "layers_per_block": req(one_of(integer(1, 64), array(integer(1, 64), 1, _BLOCKS))),
+        "down_block_types": req(array(string(max_len=128), 1, _BLOCKS)),
+        "up_block_types": req(array(string(max_len=128), 1, _BLOCKS)),
+        "mid_block_type": opt(nullable(string(max_len=128))),
+        "time_embed_dim": opt(nullable(integer(1, MAX_DIM))),
+    }
+)
+_NAMES = array(string(max_len=256), 0, 256)
+UNET_PARTITION = obj(
+    {
+        "layout": req(LAYOUT),
+        "cuts": req(array(integer(0, 10_000), 0, 64)),
+        "stages": req(
+            array(
+                obj(
+                    {
+                        "component": req(string(max_len=64)),
+                        "inputs": req(_NAMES),
+                        "outputs": req(_NAMES),
+                    }
+                ),
+                0,
+                65,
+            )
+        ),
+    }
+)
+UNET_DEEPCACHE = obj(
+    {
+        "layout": req(LAYOUT),
+        "branch": req(integer(0, 10_000)),
+        "feature": opt(string(max_len=256)),
+    }
+)
+
+
 def schema_version(value: Any, where: str) -> None:
     # bool is an int subclass: `true` must not read as version 1
     integer(1)(value, where)
@@ -341,8 +398,8 @@ TOP_FIELDS: dict[str, Field] = {
     "tokenizer": req(TOKENIZER),
     "dims": req(DIMS),
     "defaults": opt(nullable(DEFAULTS)),
-    "unet_partition": opt(nullable(obj({}))),
-    "unet_deepcache": opt(nullable(obj({}))),
+    "unet_partition": opt(nullable(UNET_PARTITION)),
+    "unet_deepcache": opt(nullable(UNET_DEEPCACHE)),
     "quantization": opt(nullable(obj({}))),
     "export": opt(nullable(obj({}))),
     "tools": opt(nullable(obj({}))),

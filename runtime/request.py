@@ -32,7 +32,7 @@ MAX_STEPS = 1000  # the training schedule's length: more steps revisit the same 
 MAX_SIDE = 16384
 #: CLIP reads 77 tokens; a longer prompt is truncated anyway, and tokenising megabytes on the
 #: shared scheduler thread would stall every other request
-MAX_PROMPT_CHARS = 10_000
+MAX_PROMPT_CHARS = 4096
 
 
 @dataclass(frozen=True)
