@@ -157,9 +157,11 @@ class Field:
     required: bool = False
 
 
-def obj(fields: Mapping[str, Field], values: Check | None = None) -> Check:
+def obj(fields: Mapping[str, Field], values: Check | None = None, files: bool = True) -> Check:
     """A JSON object whose named keys follow ``fields``; other keys follow ``values`` when
-    given, else pass (but a key that names a file is always checked as a path)."""
+    given, else pass - but with ``files`` a key that names a file (``*_file``) is always checked
+    as a path. Informational sections (export provenance, tool versions, reports) pass
+    ``files=False``: the runtime opens nothing they name."""
 
     def check(value: Any, where: str) -> None:
         if not isinstance(value, dict):
@@ -176,7 +178,7 @@ def obj(fields: Mapping[str, Field], values: Check | None = None) -> Check:
                 fields[key].check(v, sub)
             elif values is not None:
                 values(v, sub)
-            elif is_file_key(key) and v is not None:
+            elif files and is_file_key(key) and v is not None:
                 relpath(v, sub)
 
     return check
@@ -241,7 +243,7 @@ COMPONENT_FIELDS: dict[str, Field] = {
     "inputs": req(array(TENSOR, 1, 64)),
     "outputs": req(array(TENSOR, 1, 64)),
     "shape_range": req(shape_range),
-    "verification": opt(nullable(obj({}))),
+    "verification": opt(nullable(obj({}, files=False))),
     "external_data": opt(nullable(DATA_FILE)),
     "onnx_file": opt(relpath),
     "onnx_sha256": opt(sha256),
@@ -400,9 +402,9 @@ TOP_FIELDS: dict[str, Field] = {
     "defaults": opt(nullable(DEFAULTS)),
     "unet_partition": opt(nullable(UNET_PARTITION)),
     "unet_deepcache": opt(nullable(UNET_DEEPCACHE)),
-    "quantization": opt(nullable(obj({}))),
-    "export": opt(nullable(obj({}))),
-    "tools": opt(nullable(obj({}))),
+    "quantization": opt(nullable(obj({}, files=False))),
+    "export": opt(nullable(obj({}, files=False))),
+    "tools": opt(nullable(obj({}, files=False))),
     "created": opt(nullable(string(max_len=64))),
 }
 
@@ -415,14 +417,16 @@ def validate(raw: Any) -> None:
 
 
 def named_files(raw: Any) -> list[str]:
-    """Every file name a (validated) manifest names, wherever it sits: ``file`` / ``*_file``
-    keys at any depth (component files, external data, the ONNX graph of a TensorRT engine,
-    stage files) and the tokenizer's files."""
+    """Every file name a (validated) manifest makes the runtime open: ``file`` / ``*_file``
+    keys at any depth of the component entries (engine files, external data, the ONNX graph of
+    a TensorRT engine) and the tokenizer's files. Also takes one component entry."""
     found: list[str] = []
 
     def walk(value: Any) -> None:
         if isinstance(value, dict):
             for key, v in value.items():
+                if key == "verification":
+                    continue  # a report, not something to open
                 if is_file_key(str(key)) and isinstance(v, str):
                     found.append(v)
                 else:
@@ -431,8 +435,10 @@ def named_files(raw: Any) -> list[str]:
             for v in value:
                 walk(v)
 
-    walk(raw)
-    tokenizer = raw.get("tokenizer") if isinstance(raw, dict) else None
+    if not isinstance(raw, dict):
+        return found
+    walk(raw["components"] if isinstance(raw.get("components"), dict) else raw)
+    tokenizer = raw.get("tokenizer")
     if isinstance(tokenizer, dict):
         found += [tokenizer[k] for k in ("vocab", "merges") if isinstance(tokenizer.get(k), str)]
     return list(dict.fromkeys(found))
