@@ -228,3 +228,16 @@ def test_http_hostile_requests_are_400_and_neighbours_succeed() -> None:
         assert nested.status == 400 and "nested too deeply" in nested.json["error"]
     finally:
         gen.close()
+
+
+def test_pipeline_api_takes_numpy_integers_and_refuses_inf() -> None:
+    from runtime_engines import tiny_engines
+
+    from trt_sd.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(tiny_engines(), backend="onnxruntime-cpu")
+    result = pipe("a cat", steps=np.int64(2), seed=np.int32(5), height=np.int64(16))
+    assert result.params["steps"] == 2 and result.params["seed"] == 5
+    for bad in ({"steps": float("inf")}, {"prompt": 5}, {"batch": 10**12}):
+        with pytest.raises(InputError):
+            pipe(**{"prompt": "a cat", "steps": 2, **bad})
