@@ -46,6 +46,8 @@ __all__ = ["is_file_key", "named_files", "shown", "validate"]
 MAX_BATCH = 4096
 MAX_PIXELS_SIDE = 16384
 MAX_DIM = 1 << 20
+#: engine I/O dtypes (a NumPy name the backends cast feeds to; never ``object`` or a void blob)
+DTYPES = ("float32", "float16", "bfloat16", "int32", "int64", "int8", "uint8", "bool")
 
 
 # ---- the tables -----------------------------------------------------------------------------
@@ -79,7 +81,7 @@ _AXIS = lambda v, w: (  # noqa: E731 - an axis is a symbol ("unet_batch") or a f
 TENSOR = obj(
     {
         "name": req(string(max_len=256)),
-        "dtype": req(string(max_len=32)),
+        "dtype": req(string(DTYPES)),
         "shape": req(array(_AXIS, 0, 16)),
     }
 )

@@ -155,6 +155,8 @@ def test_accepted_file_names_stay_inside(name: str) -> None:
         (("vae_scaling_factor",), 0, "vae_scaling_factor"),
         (("scheduler", "num_train_timesteps"), None, "num_train_timesteps"),
         (("model",), [], "field model must be an object"),
+        (("components", "unet", "inputs", 0, "dtype"), "V9999", "inputs[0].dtype must be one of"),
+        (("unet_deepcache",), {"layout": {}, "branch": 1}, "unet_deepcache.layout lacks"),
     ],
 )
 def test_bad_fields_are_named(path: tuple, value: Any, message: str) -> None:
