@@ -33,7 +33,9 @@ def shown(value: Any, limit: int = 32) -> str:
     if isinstance(value, str):
         text = repr(value[:limit]) + ("..." if len(value) > limit else "")
         return f"string {text}"
-    return {dict: "an object", list: "an array"}.get(type(value), type(value).__name__)
+    if isinstance(value, dict):
+        return "an object"
+    return "an array" if isinstance(value, list) else type(value).__name__
 
 
 def fail(where: str, wanted: str, value: Any) -> ManifestError:

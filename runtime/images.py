@@ -116,5 +116,6 @@ def image_size(image: Any) -> tuple[int, int] | None:
         return image.size
     if isinstance(image, str | os.PathLike | bytes):
         with open_image(image, "init image") as im:
-            return tuple(im.size)  # type: ignore[return-value]
+            width, height = im.size
+            return int(width), int(height)
     return None

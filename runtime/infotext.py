@@ -233,12 +233,12 @@ def write_pngs(items: list[tuple[str | os.PathLike[str], np.ndarray, str]]) -> l
             if path.is_dir():
                 raise InputError(f"cannot write {str(path)!r}: it is a directory")
             try:
-                fd, tmp = tempfile.mkstemp(
+                fd, tmp_name = tempfile.mkstemp(
                     prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or "."
                 )
             except OSError as e:
                 raise InputError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
-            staged.append((Path(tmp), path))
+            staged.append((Path(tmp_name), path))
             try:
                 os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 is not the user's say
                 with os.fdopen(fd, "wb") as f:

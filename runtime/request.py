@@ -126,8 +126,8 @@ def _integer(value: Any, what: str) -> int:
         raise InputError(f"{what} must be an integer, got {_kind(value)}")
     if isinstance(value, numbers.Integral):
         return operator.index(value)
-    if isinstance(value, numbers.Real) and math.isfinite(value) and value == int(value):
-        return int(value)
+    if isinstance(value, numbers.Real) and math.isfinite(value) and value == int(float(value)):
+        return int(float(value))
     raise InputError(f"{what} must be an integer, got {_kind(value)}")
 
 
