@@ -143,3 +143,21 @@ def test_a_symlinked_out_replaces_its_target_and_keeps_the_link(
     engine_dir.check_output_dir(link)
     engine_dir.publish(_build(tmp_path, engines, "via-link"), link)
     assert link.is_symlink() and (engines / "tag.txt").read_text() == "via-link"
+
+
+def test_export_cli_refuses_a_users_folder_in_one_line(tmp_path: Path, capsys) -> None:
+    from runtime_engines import tiny_model
+
+    from trt_sd.runtime.cli import main
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "manifest.json").write_text("{}")
+    (folder / "thesis.tex").write_text("years of work")
+    model = tiny_model()
+    capsys.readouterr()
+    assert main(["export", str(model), "--out", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not an engine directory written by trt-sd" in err
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "thesis.tex"]
+    assert not [p for p in tmp_path.iterdir() if ".export-" in p.name]
