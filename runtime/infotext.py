@@ -43,8 +43,12 @@ WEBUI_SAMPLERS = (
 #: ``dpm++`` has no fixed order; with the scheduler default (solver_order 2) it is DPM++ 2M.
 _EXTRA_LABELS = {"dpm++": "DPM++ 2M"}
 
-# AUTOMATIC1111's modules/infotext_utils.py
-_RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+# AUTOMATIC1111's modules/infotext_utils.py, with the key and the whitespace around it bounded:
+# unbounded, a long run of word characters or spaces without a ":" made findall quadratic (a
+# 30 kB line took 10 s), which a PNG's parameters text could exploit
+_RE_PARAM = re.compile(r'\s{0,16}(\w[\w \-/]{0,63}):\s{0,16}("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+#: two maximal prompts and the parameter line fit easily; longer text is not ours
+MAX_INFOTEXT_CHARS = 64 * 1024
 _RE_SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 
@@ -154,6 +158,11 @@ def parse_infotext(text: str) -> dict[str, Any]:
     """Infotext -> Pipeline keyword arguments (prompt, negative_prompt, sampler, karras, steps,
     guidance, seed, width, height, strength, eta, guidance_rescale, sampler_options) plus
     ``model_hash`` / ``model`` when present."""
+    if len(text) > MAX_INFOTEXT_CHARS:
+        raise InputError(
+            f"generation parameters are {len(text)} characters; at most {MAX_INFOTEXT_CHARS} "
+            "are read"
+        )
     *lines, last = text.strip().split("\n")
     if len(_RE_PARAM.findall(last)) < 3:
         lines.append(last)

@@ -151,3 +151,24 @@ def test_in_memory_images_are_size_checked() -> None:
     with pytest.raises(InputError, match="pixels"):
         load_image(Image.new("1", (MAX_INPUT_PIXELS // 4096 + 1, 4096)), 16, 16)
     assert load_image(bomb_png(16, 16), 16, 16).shape == (1, 3, 16, 16)  # bytes work too
+
+
+@pytest.mark.parametrize("line", ["a" * 60_000, " " * 60_000, "a b" * 20_000])
+def test_adversarial_parameter_text_parses_in_linear_time(line: str) -> None:
+    """A long run of word characters or spaces without ':' made the WebUI regex quadratic
+    (30 kB: 10 s); a PNG's parameters text is attacker-controlled with --from-png."""
+    import time
+
+    start = time.monotonic()
+    parse_infotext("a cat\n" + line)
+    assert time.monotonic() - start < 5
+
+
+def test_oversized_parameter_text_is_refused(tmp_path: Path) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", "x" * 200_000 + "\nSteps: 4, Sampler: Euler, Seed: 1")
+    Image.new("RGB", (4, 4)).save(tmp_path / "long.png", pnginfo=info)
+    with pytest.raises(InputError, match="at most 65536 are read"):
+        parse_infotext(read_infotext(tmp_path / "long.png"))
