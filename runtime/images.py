@@ -33,7 +33,9 @@ def open_image(
     if not isinstance(source, bytes):
         path = Path(source)
         if not path.is_file():
-            raise InputError(f"{what} {label} does not exist or is not a file")
+            raise InputError(
+                f"{what} {label} is not a readable {kind}: it does not exist or is not a file"
+            )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
