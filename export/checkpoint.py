@@ -73,10 +73,13 @@ def _check_safetensors(path: Path) -> None:
     """Open the header so a truncated or foreign file fails here with one line."""
     from safetensors import safe_open
 
+    from .checkpoint_keys import check_single_file_keys
+
     try:
         with safe_open(str(path), framework="numpy") as f:
             if not list(f.keys()):
                 raise InputError(f"{path} holds no tensors")
+            check_single_file_keys(path, f.keys())  # a LoRA / foreign model: one line
     except InputError:
         raise
     except Exception as e:  # safetensors raises its own error types for every corruption

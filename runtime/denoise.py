@@ -25,13 +25,29 @@ from trt_sd.models.manifest import Manifest
 Conditioning = Mapping[str, Any]  # UNet input name -> rows (first axis)
 
 
-def unet_overflow_hint(manifest: Manifest) -> str:
+def unet_overflow_hint(manifest: Manifest, sample: np.ndarray | None = None) -> str:
     """What to change when the UNet returns NaN / inf: fp16 engines overflow on some inputs;
-    an fp32 engine only does on latents that already grew absurd (guidance far too high)."""
+    an fp32 engine only does on latents that already grew absurd (guidance far too high) -
+    given ordinary inputs (``sample``, what the UNet was fed) it is the engine that is at
+    fault, and blaming the guidance would send the user the wrong way."""
     precisions = {e.precision for n, e in manifest.components.items() if n.startswith(UNET)}
     if precisions == {"fp32"}:  # the UNet, its stages or its DeepCache pair
+        if sample is not None and _ordinary(sample):
+            return (
+                "; its inputs were finite and of ordinary size, so the engine itself is at "
+                "fault (a corrupt or mis-built engine file): re-export it"
+            )
         return "; the engine is fp32, so its inputs grew too large: lower the guidance"
     return "; try an fp32 export"
+
+
+#: scaled model inputs are ~unit variance; only a run that is diverging exceeds this
+ORDINARY_INPUT = 50.0
+
+
+def _ordinary(sample: np.ndarray) -> bool:
+    x = np.asarray(sample, dtype=np.float64)
+    return bool(np.isfinite(x).all() and (x.size == 0 or np.abs(x).max() <= ORDINARY_INPUT))
 
 
 def check_latents(x: np.ndarray, step: int, total: int, req: Any) -> None:
@@ -83,11 +99,11 @@ class Lane:
 class DenoiseStep:
     """Feeds, output checks and the guided sampler step for one UNet descriptor."""
 
-    def __init__(self, unet: Component, overflow_hint: str) -> None:
+    def __init__(self, unet: Component, manifest: Manifest | None = None) -> None:
         self.unet = unet
         self.output_name = unet.output_names[0]
         self.conditioning = [n for n in unet.input_names if n not in (SAMPLE, TIMESTEP)]
-        self.hint = overflow_hint
+        self.manifest = manifest  # for the overflow hint (which precision, which fix)
 
     def feeds(self, lanes: Sequence[Lane]) -> dict[str, Any]:
         """The UNet feeds of ``lanes`` (rows in lane order). A single lane's conditioning is
@@ -107,13 +123,15 @@ class DenoiseStep:
             feeds[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return feeds
 
-    def output(self, outputs: Mapping[str, Any], step: int, total: int) -> np.ndarray:
-        """The model output as float32, refused (naming the step) when not finite."""
+    def output(
+        self, outputs: Mapping[str, Any], step: int, total: int, sample: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The model output as float32, refused (naming the step) when not finite; ``sample``
+        (the lane's model input) tells an overflowing run from a broken engine."""
         out = np.asarray(outputs[self.output_name], dtype=np.float32)
         if not np.isfinite(out).all():
-            raise NumericalError(
-                f"{UNET} produced NaN or inf at step {step + 1} of {total}{self.hint}"
-            )
+            hint = unet_overflow_hint(self.manifest, sample) if self.manifest else ""
+            raise NumericalError(f"{UNET} produced NaN or inf at step {step + 1} of {total}{hint}")
         return out
 
     def advance(self, req: Any, stepper: Any, i: int, x: np.ndarray, out: np.ndarray) -> np.ndarray:

@@ -27,6 +27,7 @@ from trt_sd.models.descriptors import (
 )
 from trt_sd.models.errors import InputError, NumericalError
 from trt_sd.models.families import PromptRows
+from trt_sd.models.integrity import verify_components
 from trt_sd.models.manifest import Manifest
 from trt_sd.models.paths import default_engine_dir
 from trt_sd.models.unet_stages import UNET_SHALLOW
@@ -117,7 +118,7 @@ class Pipeline:
         #: the first text encoder's tokenizer (what SD 1.x / 2.x have)
         self.tokenizer = tokenizers[self.family.text_encoders[0].component]
         self.text = TextConditioner(self.family, manifest, self.components, tokenizers)
-        self.denoise_step = DenoiseStep(self.components[UNET], unet_overflow_hint(manifest))
+        self.denoise_step = DenoiseStep(self.components[UNET], manifest)
         config = manifest.scheduler_config
         config["prediction_type"] = manifest.prediction_type  # the manifest is authoritative
         self.scheduler_config = config
@@ -139,6 +140,7 @@ class Pipeline:
         (:mod:`trt_sd.runtime.deepcache`)."""
         path = Path(engine_dir) if engine_dir is not None else default_engine_dir()
         manifest = Manifest.load(path)
+        verify_components(path, manifest)  # sha256 of every engine file (stamped fast path)
         placement = place(manifest, devices)
         default_cache = resolve_deepcache(manifest, deepcache)
         components = {
@@ -409,7 +411,7 @@ class Pipeline:
                     x_in = np.asarray(stepper.scale_model_input(x, i), dtype=np.float32)
                     lane = Lane(x_in, stepper.timesteps[i], req.cfg, conditioning)
                     outputs = self._run_unet(i, step.feeds([lane]), timings, cache)
-                    x = step.advance(req, stepper, i, x, step.output(outputs, i, total))
+                    x = step.advance(req, stepper, i, x, step.output(outputs, i, total, x_in))
                     if bar is not None:
                         bar(i + 1, total)
             finally:

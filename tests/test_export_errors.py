@@ -76,8 +76,12 @@ def test_single_file_needs_config(tmp_path, capsys):
     from safetensors.numpy import save_file
 
     path = tmp_path / "model.safetensors"
-    save_file({"x": np.zeros(2, np.float32)}, str(path))
+    keys = ("model.diffusion_model.x", "first_stage_model.x", "cond_stage_model.x")
+    save_file({k: np.zeros(2, np.float32) for k in keys}, str(path))
     _fails(capsys, [str(path)], "--config DIR")
+    foreign = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_down.alpha": np.zeros(1, np.float32)}, str(foreign))
+    _fails(capsys, [str(foreign), "--config", str(tmp_path)], "not a full Stable Diffusion")
 
 
 def test_pickle_weights_inside_a_folder_are_refused(tmp_path, capsys, model_dir):

@@ -100,7 +100,7 @@ def test_row_slicing_keeps_each_images_cfg_pair() -> None:
 
 
 def test_denoise_step_feeds_rows_in_lane_order() -> None:
-    step = DenoiseStep(SDXL.components(SDXL_DIMS)["unet"], "")
+    step = DenoiseStep(SDXL.components(SDXL_DIMS)["unet"])
     x = np.zeros((1, 4, 2, 2), np.float32)
     cfg_lane = Lane(x, 10.0, True, {n: np.full((2, 1), 1.0) for n in step.conditioning})
     plain = Lane(x + 1, 20.0, False, {n: np.full((1, 1), 2.0) for n in step.conditioning})
@@ -108,7 +108,7 @@ def test_denoise_step_feeds_rows_in_lane_order() -> None:
     assert feeds["timestep"].tolist() == [10.0, 10.0, 20.0]
     assert feeds["sample"][:, 0, 0, 0].tolist() == [0.0, 0.0, 1.0]
     assert feeds["time_ids"].ravel().tolist() == [1.0, 1.0, 2.0]
-    with pytest.raises(Exception, match=r"NaN or inf at step 3 of 5; hint"):
-        DenoiseStep(SDXL.components(SDXL_DIMS)["unet"], "; hint").output(
+    with pytest.raises(Exception, match=r"NaN or inf at step 3 of 5"):
+        DenoiseStep(SDXL.components(SDXL_DIMS)["unet"]).output(
             {"model_output": np.array([np.nan])}, 2, 5
         )

@@ -276,8 +276,11 @@ class BatchingEngine:
             try:
                 conditioning = self.pipe.encode_conditioning(sum(rows[1:], rows[0]))
             except Exception as e:
-                for job in chunk:
-                    self._failed(job, e)
+                if len(chunk) > 1:  # isolate: a failure fails only its own request
+                    for job in chunk:
+                        self._start([job])
+                else:
+                    self._failed(chunk[0], e)
                 continue
             parts = split_rows(conditioning, [j.rows for j in chunk])
             for job, part in zip(chunk, parts, strict=True):
@@ -333,7 +336,12 @@ class BatchingEngine:
         ``Pipeline._denoise``); a failure fails this request alone: NaN latents would fail
         its whole VAE batch at decode."""
         step = self._step
-        out = step.output({step.output_name: out}, job.step, job.stepper.num_model_calls)
+        total = job.stepper.num_model_calls
+        if np.isfinite(out).all():
+            out = step.output({step.output_name: out}, job.step, total)
+        else:  # the hint tells a diverging run from a broken engine by the model input
+            sample = job.stepper.scale_model_input(job.x, job.step)
+            out = step.output({step.output_name: out}, job.step, total, sample)
         job.x = step.advance(job.req, job.stepper, job.step, job.x, out)
         job.step += 1
 
