@@ -22,7 +22,7 @@ from .errors import ManifestError
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 PRECISIONS = ("fp32", "fp16", "int8")
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 #: Components every engine directory must have; the VAE encoder (img2img) is optional.
 REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
