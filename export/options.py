@@ -127,6 +127,18 @@ def resolve_options(
         trt_runtime_cache=None if trt_runtime_cache is None else str(trt_runtime_cache),
         trt_refittable=bool(trt_refittable),
     )
+    if opts.trt_refittable and opts.backend == "tensorrt-rtx":
+        from .trt_targets import has_gpu
+
+        if not has_gpu():
+            # Measured with TensorRT-RTX 1.7.1: a REFIT build JIT-compiles on the GPU and fails
+            # without one ("MyelinCheckException: graph_jit.cpp:278: CHECK(status ==
+            # CUDA_SUCCESS) failed"); plain builds need no GPU.
+            raise BackendUnavailableError(
+                "--refittable TensorRT-RTX engines can only be built where a GPU is present "
+                "(TensorRT-RTX compiles refittable graphs on it); build without --refittable "
+                "or on the GPU machine"
+            )
     if opts.trt_runtime_cache is not None and opts.backend != "tensorrt-rtx":
         raise InputError("--runtime-cache is a TensorRT-RTX option; use --backend tensorrt-rtx")
     trt_build_options(opts, precision)  # validates the TensorRT settings whatever the backend

@@ -40,6 +40,15 @@ def compute_capability(device: int = 0) -> str:
     return f"{major}.{minor}"
 
 
+def has_gpu(device: int = 0) -> bool:
+    """Whether a CUDA GPU answers here (cuda-python present and the device usable)."""
+    try:
+        compute_capability(device)
+    except BackendUnavailableError:
+        return False
+    return True
+
+
 def _sm_name(cc: str) -> str:
     """``"8.6"`` -> ``"SM86"`` (the enum member name)."""
     return "SM" + cc.replace(".", "")
