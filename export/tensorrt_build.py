@@ -34,7 +34,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from trt_sd.models.descriptors import Component, Shape, ShapeRange
 from trt_sd.models.errors import InputError, TrtSdError
@@ -45,6 +45,8 @@ from .trt_targets import compute_capability, resolve_rtx_targets, set_rtx_target
 #: mypy: ``--always-true TRT_RTX_TYPES`` checks this module against the TensorRT-RTX bindings.
 TRT_RTX_TYPES = False
 if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
     if TRT_RTX_TYPES:
         import tensorrt_rtx as trt
     else:
@@ -221,8 +223,8 @@ def network_io(
             {
                 "name": tensor.name,
                 "dtype": dtype_name(tensor.dtype),
-                "shape": list(tensor.shape),
-                "profile": [list(s) for s in shapes],
+                "shape": _dims(tensor.shape),
+                "profile": [_dims(s) for s in shapes],
             }
         )
     outputs = []
@@ -232,10 +234,14 @@ def network_io(
             {
                 "name": tensor.name,
                 "dtype": dtype_name(tensor.dtype),
-                "shape": list(tensor.shape),
+                "shape": _dims(tensor.shape),
             }
         )
     return {"inputs": inputs, "outputs": outputs}
+
+
+def _dims(dims: trt.Dims) -> list[int]:
+    return [int(dims[i]) for i in range(len(dims))]
 
 
 def check_network_io(io: dict[str, Any], component: Component, precision: str) -> None:
@@ -324,7 +330,7 @@ def build_engine(
         )  # fmt: skip
 
     start = time.perf_counter()
-    logger = _logger(trt)
+    logger = _logger(options.flavour)
     builder = trt.Builder(logger)
     network = builder.create_network(_network_flags(trt))
     parser = trt.OnnxParser(network, logger)
@@ -342,9 +348,9 @@ def build_engine(
         raise TrtSdError(
             f"{label(options.flavour)} could not build the {component.name} engine: {errors}"
         )
-    _atomic_write(engine, memoryview(serialized))
+    _atomic_write(engine, _buffer(serialized))
     if options.flavour != RTX:
-        _atomic_write(timing_path, memoryview(config.get_timing_cache().serialize()))
+        _atomic_write(timing_path, _buffer(config.get_timing_cache().serialize()))
     seconds = time.perf_counter() - start
     result = BuildResult(
         component.name, engine, key, False, seconds, engine.stat().st_size, trt_version,
@@ -364,28 +370,37 @@ def label(flavour: str) -> str:
     return "TensorRT-RTX" if flavour == RTX else "TensorRT"
 
 
-def _logger(module: ModuleType) -> Any:
+def _logger(flavour: str) -> trt.ILogger:
     """A logger that prints warnings like TensorRT's own and keeps the error messages, so a
     failed build raises with TensorRT's reason instead of 'see the log above'."""
+    if TYPE_CHECKING:  # one code path, type-checked against each flavour's API
+        if TRT_RTX_TYPES:
+            import tensorrt_rtx as trt
+        else:
+            import tensorrt as trt
+    else:
+        trt = import_tensorrt(flavour)
 
-    class Collecting(module.ILogger):  # type: ignore[name-defined,misc]
+    class Collecting(trt.ILogger):
         def __init__(self) -> None:
-            module.ILogger.__init__(self)
+            trt.ILogger.__init__(self)
             self.errors: list[str] = []
 
-        def log(self, severity: Any, msg: str) -> None:
+        def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
             if any(noise in msg for noise in CPU_NOISE):
                 return
-            if severity <= module.Logger.ERROR:
+            if severity <= trt.ILogger.Severity.ERROR:
                 self.errors.append(msg)
-            if severity <= module.Logger.WARNING:
-                print(f"[{label_of(module)}] {msg}", file=sys.stderr)
+            if severity <= trt.ILogger.Severity.WARNING:
+                print(f"[{label(flavour)}] {msg}", file=sys.stderr)
 
     return Collecting()
 
 
-def label_of(module: ModuleType) -> str:
-    return "TensorRT-RTX" if module.__name__.startswith("tensorrt_rtx") else "TensorRT"
+def _buffer(memory: trt.IHostMemory) -> memoryview:
+    """IHostMemory implements the buffer protocol; the stubs generated from the TensorRT-RTX
+    bindings do not declare it (pybind11 buffers carry no signature)."""
+    return memoryview(cast("Buffer", memory))
 
 
 def _atomic_write(path: Path, data: bytes | memoryview) -> None:

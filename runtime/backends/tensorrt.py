@@ -53,6 +53,7 @@ from .cuda import CudaGraph, DeviceBuffer, DeviceContext, EventTimer, check, cud
 TRT_RTX_TYPES = False
 if TYPE_CHECKING:
     import tensorrt_rtx
+    from typing_extensions import Buffer
 
     if TRT_RTX_TYPES:
         import tensorrt_rtx as trt
@@ -223,7 +224,7 @@ class TensorRTBackend(EngineBackend):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-            tmp.write_bytes(memoryview(data))
+            tmp.write_bytes(memoryview(cast("Buffer", data)))  # IHostMemory is a buffer
             os.replace(tmp, path)
         except OSError:
             pass  # a read-only cache location costs the next load its JIT time, nothing else
