@@ -167,7 +167,8 @@ def summary_table(manifest: Manifest) -> str:
         err = f"{v['max_rel_error']:.1e}" if "max_rel_error" in v else "-"
         seconds = entry.extra.get("export_seconds")
         when = "reused" if name in reused else (f"{seconds:.1f} s" if seconds is not None else "-")
-        rows.append((name, entry.precision, _size(int(entry.extra.get("bytes", 0))), err, when))
+        size = int(entry.extra.get("engine_bytes", entry.extra.get("bytes", 0)))  # engine if built
+        rows.append((name, entry.precision, _size(size), err, when))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
