@@ -172,3 +172,26 @@ def test_refittable_rtx_build_needs_a_gpu(tmp_path, home):
         pytest.skip("a GPU is present: refittable builds work here")
     with pytest.raises(BackendUnavailableError, match="--refittable TensorRT-RTX engines"):
         _export(tmp_path / "refit", precision="fp16", trt_refittable=True)
+
+
+@pytest.mark.gpu
+def test_rtx_engines_generate_like_onnxruntime_on_a_supported_gpu(fp16_engines):
+    """On an RTX-class GPU: the fp16 engines generate what the fp32 ONNX graphs do on the CPU
+    (fp16 rounding allowed). Skipped without such a GPU (CI, Hopper)."""
+    import numpy as np
+    from runtime_engines import tiny_engines
+
+    from trt_sd.export.trt_targets import compute_capability, has_gpu
+    from trt_sd.runtime import Pipeline
+
+    if not has_gpu():
+        pytest.skip("no GPU here")
+    cc = compute_capability()
+    targets = Manifest.load(fp16_engines).components["unet"].extra["compute_capabilities"]
+    if cc not in targets:
+        pytest.skip(f"TensorRT-RTX engines here target {targets}; this GPU is {cc}")
+    args = {"prompt": "a cat", "steps": 8, "seed": 3, "height": 16, "width": 16}
+    rtx = Pipeline.load(fp16_engines, backend="tensorrt-rtx")(**args).images[0]
+    ort = Pipeline.load(tiny_engines(), backend="onnxruntime-cpu")(**args).images[0]
+    close = np.abs(rtx.astype(int) - ort.astype(int)) <= 4
+    assert close.mean() >= 0.95
