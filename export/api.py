@@ -222,11 +222,11 @@ class _Builder:
             tqdm.write(message, file=sys.stderr)
 
     def _copy_tokenizer(self) -> None:
-        for sub in self.ckpt.tokenizer_entries():  # one folder per text encoder
-            dst = self.build / sub
+        for enc in self.ckpt.family_spec.text_encoders:  # one folder per text encoder
+            dst = self.build / enc.tokenizer
             dst.mkdir()
             for fname in TOKENIZER_FILES:
-                src = self.ckpt.config_dir / sub / fname
+                src = self.ckpt.config_dir / enc.source_folder / fname
                 if src.is_file():
                     shutil.copyfile(src, dst / fname)
 
