@@ -66,3 +66,56 @@ def as_latents(image: Any, channels: int) -> np.ndarray | None:
             raise InputError("the latents passed as image contain NaN or inf")
         return latents
     return None
+
+
+def handed_latents(result: Any, family: Any) -> np.ndarray:
+    """A base's ``GenerationResult`` as a refiner input: its latents, refused from another
+    latent space (mixing engine directories of families whose VAEs differ)."""
+    if result.latents is None:
+        raise InputError("the result passed as image has no latents: use output_type='latent'")
+    if result.latent_space != family.latent_space:
+        raise InputError(
+            f"these latents come from a model in the {result.latent_space!r} latent space; "
+            f"this {family.label} engine directory takes {family.latent_space!r} "
+            "latents (base and refiner must be of one family)"
+        )
+    return np.asarray(result.latents)
+
+
+def prepare_handoff(
+    pipe: Any,
+    image: Any,
+    denoising_start: Any,
+    sampler: str,
+    steps: int | None,
+    height: int | None,
+    width: int | None,
+    strength: float | None,
+) -> tuple[np.ndarray | None, Any, int | None, int | None, float | None]:
+    """``(handed latents or None, image, height, width, strength)`` of a call: with latents
+    (an array or a base's result) as ``image``, the image becomes None, the size comes from
+    the latents and the strength starts the schedule at ``denoising_start``."""
+    if hasattr(image, "latent_space") and hasattr(image, "latents"):  # a GenerationResult
+        image = handed_latents(image, pipe.family)
+    handed = as_latents(image, pipe.manifest.dims.latent_channels)
+    if handed is None:
+        if denoising_start is not None:
+            raise InputError(
+                "denoising_start continues from latents: pass the base's result.latents as image"
+            )
+        return None, image, height, width, strength
+    if denoising_start is None:
+        raise InputError("latents as image need denoising_start (the hand-off point)")
+    factor = pipe.manifest.dims.vae_scale_factor
+    height = handed.shape[2] * factor if height is None else height
+    width = handed.shape[3] * factor if width is None else width
+    steps = int(steps or pipe.manifest.defaults.get("steps", 30))
+    from trt_sd.samplers import resolve, stepper
+
+    try:
+        name, implied = resolve(sampler)
+        full = stepper(name, pipe.scheduler_config, steps, **dict(implied))
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"sampler {sampler}: {e}") from None
+    strength = start_strength(full.timesteps, steps, denoising_start, pipe.scheduler_config)
+    return handed, None, height, width, strength

@@ -36,7 +36,7 @@ from .chains import run_chains
 from .conditioning import TextConditioner, load_tokenizers
 from .deepcache import DeepCacheConfig, DeepCacheState, deepcache_components, resolve_deepcache
 from .denoise import DenoiseStep, Lane, check_latents, unet_overflow_hint
-from .handoff import as_latents, end_calls, start_strength
+from .handoff import end_calls, prepare_handoff
 from .images import image_size, load_image, to_uint8
 from .multidevice import StagedUNet, place
 from .noise import initial_noise, posterior_sample, sampler_noise_fn
@@ -213,21 +213,9 @@ class Pipeline:
         start = time.perf_counter()
         if output_type not in ("image", "latent"):
             raise InputError(f"output_type must be 'image' or 'latent', got {output_type!r}")
-        if isinstance(image, GenerationResult):  # a base's result, handed over whole
-            image = self._handed_latents(image)
-        handed = as_latents(image, self.manifest.dims.latent_channels)
-        if denoising_start is not None and handed is None:
-            raise InputError(
-                "denoising_start continues from latents: pass the base's result.latents as image"
-            )
-        if handed is not None:
-            if denoising_start is None:
-                raise InputError("latents as image need denoising_start (the hand-off point)")
-            factor = self.manifest.dims.vae_scale_factor
-            height = handed.shape[2] * factor if height is None else height
-            width = handed.shape[3] * factor if width is None else width
-            image = None
-            strength = self._start_strength(sampler, steps, denoising_start)
+        handed, image, height, width, strength = prepare_handoff(
+            self, image, denoising_start, sampler, steps, height, width, strength
+        )
         cache_config = (
             self.deepcache if deepcache is None else resolve_deepcache(self.manifest, deepcache)
         )
@@ -296,29 +284,6 @@ class Pipeline:
         latents_out = x if output_type == "latent" else None
         space = self.family.latent_space
         return GenerationResult(images, timings, calls, params, latents_out, space)
-
-    def _handed_latents(self, result: GenerationResult) -> np.ndarray:
-        """A base's result as a refiner input: its latents, refused from another latent space
-        (mixing engine directories of families whose VAEs differ)."""
-        if result.latents is None:
-            raise InputError("the result passed as image has no latents: use output_type='latent'")
-        if result.latent_space != self.family.latent_space:
-            raise InputError(
-                f"these latents come from a model in the {result.latent_space!r} latent space; "
-                f"this {self.family.label} engine directory takes {self.family.latent_space!r} "
-                "latents (base and refiner must be of one family)"
-            )
-        return result.latents
-
-    def _start_strength(self, sampler: str, steps: int | None, denoising_start: Any) -> float:
-        """The strength that starts this engine's schedule at ``denoising_start``."""
-        steps = int(steps or self.manifest.defaults.get("steps", 30))
-        name, implied = resolve_sampler(sampler)
-        try:
-            full = _samplers().stepper(name, self.scheduler_config, steps, **implied)
-        except (TypeError, ValueError) as e:
-            raise InputError(f"sampler {sampler}: {e}") from None
-        return start_strength(full.timesteps, steps, denoising_start, self.scheduler_config)
 
     # ---- building blocks for schedulers that batch many requests (trt_sd.runtime.serve) -----
     def result_params(self, req: Request, options: dict[str, Any] | None = None) -> dict[str, Any]:
