@@ -180,11 +180,11 @@ def _run(ctx: BuildContext, unet_cut: tuple[int | None, int | None] | None) -> N
 
 
 def _copy_tokenizer(ctx: BuildContext) -> None:
-    for sub in ctx.ckpt.tokenizer_entries():  # one folder per text encoder
-        dst = ctx.build / sub
+    for enc in ctx.ckpt.family_spec.text_encoders:  # one folder per text encoder
+        dst = ctx.build / enc.tokenizer
         dst.mkdir()
         for fname in TOKENIZER_FILES:
-            src = ctx.ckpt.config_dir / sub / fname
+            src = ctx.ckpt.config_dir / enc.source_folder / fname
             if src.is_file():
                 shutil.copyfile(src, dst / fname)
 
