@@ -25,7 +25,7 @@ from . import engine_dir
 from .build_context import BuildContext
 from .checkpoint import TOKENIZER_FILES, Checkpoint, locate
 from .component_build import build_component
-from .options import ExportOptions, resolve_options
+from .options import DEFAULT_PROMPT_CHUNKS, ExportOptions, resolve_options
 from .partition import build_unet_sections, resolve_unet_cut
 
 _TOOLS = ("trt-sd", "torch", "diffusers", "transformers", "onnx", "onnxscript", "onnxruntime")
@@ -82,6 +82,7 @@ def export_model(
     int8: Any = None,
     split_unet: int | None = None,
     deepcache: int | None = None,
+    prompt_chunks: int = DEFAULT_PROMPT_CHUNKS,
 ) -> Manifest:
     """Export ``model`` (diffusers folder, single ``.safetensors``, or ``None`` for the bundled
     default) to ``out_dir`` (default: :func:`trt_sd.models.default_engine_dir`).
@@ -101,7 +102,9 @@ def export_model(
     prompts / size / steps, calibrator, QAT, Q/DQ flavour, ...). ``split_unet=N`` exports the
     UNet as N pipeline stages (``unet_stage0..``) for multi-device runs; ``deepcache=B`` adds
     the DeepCache feature output at skip branch ``B`` (0 = shallowest) to the UNet and a shallow
-    UNet (see :mod:`trt_sd.export.partition`). Raises ``InputError`` for bad
+    UNet (see :mod:`trt_sd.export.partition`). ``prompt_chunks=N``: the UNet takes contexts of
+    1..N prompt chunks (77..77*N tokens; long prompts, :mod:`trt_sd.runtime.prompt_chunks`);
+    static TensorRT shapes pin it to one chunk. Raises ``InputError`` for bad
     arguments, ``NumericalError`` (naming the component) when a graph fails verification.
     """
     ckpt = locate(model, config=config, allow_pickle=allow_pickle)
@@ -122,8 +125,11 @@ def export_model(
         trt_compute_capabilities=trt_compute_capabilities,
         trt_runtime_cache=None if trt_runtime_cache is None else str(trt_runtime_cache),
         trt_refittable=trt_refittable,
+        prompt_chunks=prompt_chunks,
     )
-    shapes = ShapeRange(opts.batch, opts.height, opts.width, ckpt.vae_scale_factor)
+    shapes = ShapeRange(
+        opts.batch, opts.height, opts.width, ckpt.vae_scale_factor, text_length_range(opts, ckpt)
+    )
     int8_recipe = _int8_recipe(int8, opts, ckpt, shapes)
     unet_cut = resolve_unet_cut(split_unet, deepcache, opts.precision, ckpt)
     out = Path(default_engine_dir() if out_dir is None else out_dir).expanduser().absolute()
@@ -218,6 +224,14 @@ def _manifest(
             "seconds": round(seconds, 2),
         },
     }
+
+
+def text_length_range(opts: ExportOptions, ckpt: Checkpoint) -> Range:
+    """The UNet context range: one prompt chunk (the text encoder's length, opt) up to
+    ``prompt_chunks`` of them; static TensorRT shapes build one chunk only."""
+    length = ckpt.dims.text_max_length
+    chunks = 1 if opts.trt_static_shapes else opts.prompt_chunks
+    return Range(length, length, length * chunks)
 
 
 def _int8_recipe(value: Any, opts: ExportOptions, ckpt: Checkpoint, shapes: ShapeRange) -> Any:

@@ -39,6 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--width", default=None, help="W, MIN:MAX or MIN:OPT:MAX pixels (default: native)"
     )
     parser.add_argument("--batch", default="1:4", help="images per call, MIN:MAX (default 1:4)")
+    parser.add_argument(
+        "--prompt-chunks",
+        type=int,
+        default=3,
+        help="longest prompt the UNet takes, in 75-token chunks (default 3: 225 tokens); "
+        "longer prompts are truncated",
+    )
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset, 17-20 (default 17)")
     parser.add_argument(
         "--vae-fp16", action="store_true", help="export the VAE in fp16 too (it may overflow)"
@@ -127,6 +134,7 @@ def main(args: argparse.Namespace) -> int:
         height=args.height,
         width=args.width,
         batch=args.batch,
+        prompt_chunks=args.prompt_chunks,
         opset=args.opset,
         vae_fp16=args.vae_fp16,
         allow_pickle=args.allow_pickle,

@@ -52,8 +52,13 @@ def external_data_name(path: Path) -> str:
     return path.name + ".data"
 
 
-def trace_sizes(component: str, num_upsamplers: int, vae_scale_factor: int) -> dict[str, int]:
-    """Small axis sizes to trace at (see the module docstring for the UNet's odd sizes)."""
+def trace_sizes(
+    component: str, num_upsamplers: int, vae_scale_factor: int, text_length: int = 154
+) -> dict[str, int]:
+    """Small axis sizes to trace at (see the module docstring for the UNet's odd sizes).
+
+    The UNet's context is traced two prompt chunks long (154), not at 77: a size that is not
+    also a fixed size of the model keeps the tracer from folding it into a constant."""
     step = 2**num_upsamplers
     # Any latent side not divisible by `step` switches diffusers to size-forwarding upsamplers.
     lat_h, lat_w = (step + 1, 2 * step + 1) if component == "unet" else (3, 5)
@@ -64,6 +69,7 @@ def trace_sizes(component: str, num_upsamplers: int, vae_scale_factor: int) -> d
         "latent_width": lat_w,
         "height": lat_h * vae_scale_factor,
         "width": lat_w * vae_scale_factor,
+        "text_length": text_length,
     }
 
 

@@ -23,6 +23,11 @@ MIN_OPSET = 17
 MAX_OPSET = 20  # the TorchScript exporter (see export.onnx_export) stops at 20
 
 
+#: default ``--prompt-chunks``: prompts up to 225 tokens (the UNet context 77..231)
+DEFAULT_PROMPT_CHUNKS = 3
+MAX_PROMPT_CHUNKS = 64
+
+
 @dataclass(frozen=True)
 class ExportOptions:
     """Everything besides the model and output folder that determines an export."""
@@ -47,6 +52,8 @@ class ExportOptions:
     trt_runtime_cache: str | None = None
     #: Engines whose weights can be refit after load (LoRA).
     trt_refittable: bool = False
+    #: Longest prompt the UNet takes, in 75-token chunks (its context: 77..77*N tokens).
+    prompt_chunks: int = DEFAULT_PROMPT_CHUNKS
 
     @property
     def builds_engines(self) -> bool:
@@ -104,12 +111,21 @@ def resolve_options(
     trt_compute_capabilities: str | tuple[str, ...] | list[str] | None = None,
     trt_runtime_cache: str | None = None,
     trt_refittable: bool = False,
+    prompt_chunks: int = DEFAULT_PROMPT_CHUNKS,
 ) -> ExportOptions:
     """Check every option; ``height`` / ``width`` default to the model's native size."""
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise InputError(f"opset must be an integer from {MIN_OPSET} to {MAX_OPSET}, got {opset!r}")
+    if (
+        isinstance(prompt_chunks, bool)
+        or not isinstance(prompt_chunks, int)
+        or not 1 <= prompt_chunks <= MAX_PROMPT_CHUNKS
+    ):
+        raise InputError(
+            f"prompt chunks must be an integer from 1 to {MAX_PROMPT_CHUNKS}, got {prompt_chunks!r}"
+        )
     opts = ExportOptions(
         precision=precision,
         backend=resolve_backend(backend),
@@ -126,6 +142,7 @@ def resolve_options(
         trt_compute_capabilities=_targets(trt_compute_capabilities, backend),
         trt_runtime_cache=None if trt_runtime_cache is None else str(trt_runtime_cache),
         trt_refittable=bool(trt_refittable),
+        prompt_chunks=prompt_chunks,
     )
     if opts.trt_refittable and opts.backend == "tensorrt-rtx":
         from .trt_targets import has_gpu

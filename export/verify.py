@@ -32,9 +32,12 @@ class VerificationError(NumericalError):
     """An exported graph does not match torch within tolerance (the message names it)."""
 
 
-def axis_sizes(rows: int, height: int, width: int, vae_scale_factor: int) -> dict[str, int]:
+def axis_sizes(
+    rows: int, height: int, width: int, vae_scale_factor: int, text_length: int = 77
+) -> dict[str, int]:
     """Concrete sizes for every axis symbol of the descriptors."""
     return {
+        "text_length": text_length,
         "batch": rows,
         "unet_batch": rows,
         "height": height,
@@ -46,10 +49,13 @@ def axis_sizes(rows: int, height: int, width: int, vae_scale_factor: int) -> dic
 
 def verification_sizes(shapes: ShapeRange) -> list[dict[str, int]]:
     """Two different shapes inside the range: the minimum corner and the optimum size, with a
-    different batch so the batch axis is exercised even when the image size is fixed."""
+    different batch so the batch axis is exercised even when the image size is fixed, and
+    the longest context (every prompt chunk) so the text-length axis is too."""
     f = shapes.vae_scale_factor
-    first = axis_sizes(shapes.batch.min, shapes.height.min, shapes.width.min, f)
-    second = axis_sizes(2 if shapes.batch.min == 1 else 1, shapes.height.opt, shapes.width.opt, f)
+    text = shapes.text_length
+    first = axis_sizes(shapes.batch.min, shapes.height.min, shapes.width.min, f, text.min)
+    rows = 2 if shapes.batch.min == 1 else 1
+    second = axis_sizes(rows, shapes.height.opt, shapes.width.opt, f, text.max)
     return [first, second]
 
 

@@ -13,7 +13,10 @@ Axis symbols:
 * ``unet_batch``   rows of one UNet or text-encoder call: ``batch`` with classifier-free guidance
   doubling it (cond + uncond in one call), so it ranges from ``batch.min`` (no CFG) to
   ``2 * batch.max``;
-* ``height`` / ``width``  image pixels; ``latent_height`` / ``latent_width`` = pixels / VAE factor.
+* ``height`` / ``width``  image pixels; ``latent_height`` / ``latent_width`` = pixels / VAE factor;
+* ``text_length``  the UNet's context length: prompt chunks x the text encoder's 77 tokens
+  (long prompts are encoded 77 tokens at a time and concatenated on this axis,
+  :mod:`trt_sd.runtime.prompt_chunks`). The text encoder itself always reads 77.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ Shape = tuple[int, ...]
 #: precision" (float32 for fp32 graphs, float16 for fp16 graphs); it is resolved by
 #: :meth:`TensorSpec.resolved_dtype`.
 DTYPES = ("float", "float32", "float16", "int32", "int64")
+#: CLIP's window: every manifest written before the text length was a dynamic axis was built
+#: for exactly this context length (one prompt chunk)
+DEFAULT_TEXT_LENGTH = 77
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,8 @@ class ShapeRange:
     height: Range
     width: Range
     vae_scale_factor: int = 8
+    #: the UNet's context length range (``text_length``); absent from old manifests: 77 only
+    text_length: Range = Range(DEFAULT_TEXT_LENGTH, DEFAULT_TEXT_LENGTH, DEFAULT_TEXT_LENGTH)
 
     def __post_init__(self) -> None:
         for what, r in (("height", self.height), ("width", self.width)):
@@ -137,6 +145,8 @@ class ShapeRange:
             return Range(self.height.min // f, self.height.opt // f, self.height.max // f)
         if symbol == "latent_width":
             return Range(self.width.min // f, self.width.opt // f, self.width.max // f)
+        if symbol == "text_length":
+            return self.text_length
         raise KeyError(f"unknown axis symbol {symbol!r}")
 
     def to_dict(self) -> dict[str, list[int]]:
@@ -145,6 +155,7 @@ class ShapeRange:
             "height": self.height.to_list(),
             "width": self.width.to_list(),
             "vae_scale_factor": self.vae_scale_factor,  # type: ignore[dict-item]
+            "text_length": self.text_length.to_list(),
         }
 
     @classmethod
@@ -154,7 +165,13 @@ class ShapeRange:
             height=Range.from_list(d["height"]),
             width=Range.from_list(d["width"]),
             vae_scale_factor=int(d.get("vae_scale_factor", 8)),
+            **({"text_length": Range.from_list(d["text_length"])} if "text_length" in d else {}),
         )
+
+    def prompt_chunks(self, chunk_length: int) -> int:
+        """How many prompt chunks of ``chunk_length`` tokens the context length range takes
+        (1 for engines built before the text length was dynamic)."""
+        return max(1, self.text_length.max // chunk_length)
 
 
 @dataclass(frozen=True)
@@ -326,7 +343,8 @@ def text_encoder(
 
 def unet(d: ModelDims, added: tuple[TensorSpec, ...] = ()) -> Component:
     """Denoising UNet: one timestep per batch row, so requests at different steps can share a
-    call (continuous batching) and CFG halves run together. ``added``: the family's extra
+    call (continuous batching) and CFG halves run together. The context's length is
+    ``text_length`` (77 per prompt chunk, within the exported range). ``added``: the family's extra
     per-row conditioning inputs (SDXL: pooled text embedding and micro-conditioning)."""
     return Component(
         UNET,
@@ -337,7 +355,7 @@ def unet(d: ModelDims, added: tuple[TensorSpec, ...] = ()) -> Component:
                 ("unet_batch", d.unet_in_channels, "latent_height", "latent_width"),
             ),
             TensorSpec(TIMESTEP, "float32", ("unet_batch",)),
-            TensorSpec(CONTEXT, "float", ("unet_batch", d.text_max_length, d.context_size)),
+            TensorSpec(CONTEXT, "float", ("unet_batch", "text_length", d.context_size)),
             *added,
         ),
         outputs=(

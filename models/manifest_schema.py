@@ -45,6 +45,7 @@ __all__ = ["is_file_key", "named_files", "shown", "validate"]
 #: (latent arrays, output paths, loops) can exhaust memory before a request is refused
 MAX_BATCH = 4096
 MAX_PIXELS_SIDE = 16384
+MAX_TEXT_LENGTH = 77 * 64  # 64 prompt chunks: far above any exported range
 MAX_DIM = 1 << 20
 #: engine I/O dtypes (a NumPy name the backends cast feeds to; never ``object`` or a void blob)
 DTYPES = ("float32", "float16", "bfloat16", "int32", "int64", "int8", "uint8", "bool")
@@ -67,6 +68,7 @@ def shape_range(value: Any, where: str) -> None:
             "height": req(_range(MAX_PIXELS_SIDE)),
             "width": req(_range(MAX_PIXELS_SIDE)),
             "vae_scale_factor": opt(integer(1, 64)),
+            "text_length": opt(_range(MAX_TEXT_LENGTH)),
         }
     )(value, where)
     factor = value.get("vae_scale_factor", 8)

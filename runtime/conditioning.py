@@ -1,11 +1,23 @@
 """The text step: prompt rows -> the UNet's per-row conditioning, for any model family.
 
-Per text encoder of the family (:class:`trt_sd.models.families.TextEncoding`): tokenize the
-rows with its own tokenizer and run it; then the family's ``combine`` turns every encoder's
-outputs into UNet feeds. :meth:`TextConditioner.encoder_outputs` is the one place that
-decides how an encoder is called, so a long-prompt / weighted-prompt encoder (chunks of 75
-tokens concatenated on the sequence axis, per-token weights) replaces that method and
-nothing else.
+Per text encoder of the family (:class:`trt_sd.models.families.TextEncoding`): chunk and
+weight the rows with its own tokenizer (:mod:`.prompt_chunks`, AUTOMATIC1111's long prompts
+and emphasis) and run it; then the family's ``combine`` turns every encoder's outputs into
+UNet feeds.
+
+* A batch of plain rows (one chunk, no emphasis) is one encoder call on the ids the plain
+  tokenizer gives, outputs untouched (a passthrough family's context may stay on the
+  device): today's path, bit for bit.
+* Otherwise every chunk of every row runs through the encoder (in calls of at most the
+  engine's batch), emphasis is applied on the host and each row's chunks are concatenated on
+  the sequence axis: the context is (rows, chunks * 77, D). An encoder's other outputs (SDXL's
+  pooled embedding) come from each row's first chunk, as in the WebUI.
+
+All rows of one call get the same chunk count (shorter ones padded with empty chunks, as the
+WebUI pads prompt and negative prompt), the same for every encoder so SDXL's two contexts can
+be concatenated. The count is capped by the UNet's built context range
+(:func:`prompt_chunk_limit`): engines exported before that range existed take one chunk, so
+longer prompts are truncated with a warning, as before.
 """
 
 from __future__ import annotations
@@ -21,6 +33,13 @@ from trt_sd.models.errors import ManifestError, NumericalError
 from trt_sd.models.families import FamilySpec, PromptRows, family_config
 from trt_sd.models.manifest import Manifest
 
+from .prompt_chunks import (
+    COMMA_BACKTRACK,
+    PromptBatch,
+    encode_prompts,
+    pooled_first_chunk,
+    tokenize_prompts,
+)
 from .tokenizer import ClipTokenizer
 
 #: ``run(component, feeds, keep_on_device) -> outputs``
@@ -49,8 +68,16 @@ def load_tokenizers(
     return out
 
 
+def prompt_chunk_limit(manifest: Manifest) -> int:
+    """Prompt chunks every engine of ``manifest`` takes: the context range its export recorded
+    (all components share one shape range); 1 for manifests written before it existed."""
+    length = manifest.dims.text_max_length
+    ranges = [e.shape_range for e in manifest.components.values()]
+    return min((r.prompt_chunks(length) for r in ranges), default=1)
+
+
 class TextConditioner:
-    """Prompt rows -> UNet conditioning for one engine directory."""
+    """Prompt rows -> UNet conditioning for one engine directory (module docstring)."""
 
     def __init__(
         self,
@@ -63,28 +90,94 @@ class TextConditioner:
         self.settings = family_config(manifest.raw)
         self.components = components
         self.tokenizers = tokenizers
+        self.max_chunks = prompt_chunk_limit(manifest)
+        #: rows per text-encoder call (its built batch), for the chunks of long prompts
+        self.max_rows = {
+            enc.component: manifest.components[enc.component].shape_range.axis("unet_batch").max
+            for enc in family.text_encoders
+            if enc.component in manifest.components
+        }
+
+    def tokenize(self, texts: tuple[str, ...], emphasis: str) -> dict[str, PromptBatch]:
+        """Each encoder's chunks of ``texts``, every encoder padded to the same chunk count."""
+
+        def chunk(component: str, min_chunks: int = 1) -> PromptBatch:
+            return tokenize_prompts(
+                self.tokenizers[component],
+                texts,
+                emphasis=emphasis,
+                # one chunk: plain truncation, as the plain tokenizer does (no word wrap)
+                comma_backtrack=COMMA_BACKTRACK if self.max_chunks > 1 else 0,
+                min_chunks=min_chunks,
+                max_chunks=self.max_chunks,
+            )
+
+        batches = {enc.component: chunk(enc.component) for enc in self.family.text_encoders}
+        n = max(b.chunks for b in batches.values())
+        return {c: b if b.chunks == n else chunk(c, n) for c, b in batches.items()}
+
+    def sequence_length(self, texts: tuple[str, ...], emphasis: str = "original") -> int:
+        """The context length (chunks * 77) that encoding ``texts`` together gives."""
+        return next(iter(self.tokenize(texts, emphasis).values())).sequence_length
 
     def encoder_outputs(
-        self, component: str, texts: tuple[str, ...], run: RunFn, keep: tuple[str, ...]
+        self,
+        component: str,
+        batch: PromptBatch,
+        run: RunFn,
+        to_host: HostFn,
+        emphasis: str,
+        keep: tuple[str, ...],
     ) -> dict[str, Any]:
-        """One text encoder's outputs for ``texts`` (one call, every row)."""
+        """One text encoder's outputs for ``batch`` (module docstring: plain or chunked)."""
         spec = self.components[component]
-        ids = self.tokenizers[component](list(texts))
-        return run(component, {spec.inputs[0].name: ids}, keep)
+        feed = spec.inputs[0].name
+        if batch.plain:
+            return run(component, {feed: batch.ids[:, 0]}, keep)
+        hidden, *others = spec.output_names
+        collected: dict[str, list[np.ndarray]] = {name: [] for name in others}
+
+        def encode(ids: np.ndarray) -> np.ndarray:
+            out = run(component, {feed: ids}, ())
+            for name, parts in collected.items():
+                parts.append(to_host(component, out[name]))
+            return to_host(component, out[hidden])
+
+        result = {hidden: encode_prompts(encode, batch, emphasis=emphasis,
+                                         max_rows=self.max_rows.get(component))}  # fmt: skip
+        for name, parts in collected.items():
+            result[name] = pooled_first_chunk(np.concatenate(parts), batch)
+        return result
 
     def __call__(
-        self, rows: PromptRows, run: RunFn, to_host: HostFn, keep_on_device: bool = False
+        self,
+        rows: PromptRows,
+        run: RunFn,
+        to_host: HostFn,
+        keep_on_device: bool = False,
+        emphasis: str = "original",
     ) -> dict[str, Any]:
         """The UNet conditioning of ``rows`` (keyed by UNet input name, rows first).
 
         ``keep_on_device``: a passthrough family's context may stay a device buffer (the
-        caller checked that the UNet takes it as it is); other families combine on the host.
+        caller checked that the UNet takes it as it is) when the rows are plain; other
+        families and weighted or long prompts are combined on the host. ``emphasis``: one of
+        :data:`~.prompt_chunks.EMPHASIS_MODES`.
         """
-        keep_any = keep_on_device and self.family.passthrough
+        batches = self.tokenize(rows.texts, emphasis)
+        plain = all(b.plain for b in batches.values())
+        keep_any = keep_on_device and self.family.passthrough and plain
         outputs = {}
         for enc in self.family.text_encoders:
             names = tuple(self.components[enc.component].output_names)
-            out = self.encoder_outputs(enc.component, rows.texts, run, names if keep_any else ())
+            out = self.encoder_outputs(
+                enc.component,
+                batches[enc.component],
+                run,
+                to_host,
+                emphasis,
+                names if keep_any else (),
+            )
             for name in names:
                 value = to_host(enc.component, out[name])
                 if not np.isfinite(value).all():

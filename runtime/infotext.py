@@ -40,6 +40,9 @@ WEBUI_SAMPLERS = (
     "Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ 2M", "DPM++ SDE",
     "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE", "DDIM", "PLMS", "UniPC", "LCM", "DDPM",
 )  # fmt: skip
+#: Emphasis modes by the WebUI's names (modules/sd_emphasis.py); it writes "Emphasis" only
+#: when the mode is not the default "Original", and so do we.
+WEBUI_EMPHASIS = {"original": None, "no_norm": "No norm", "ignore": "Ignore", "none": "None"}
 #: ``dpm++`` has no fixed order; with the scheduler default (solver_order 2) it is DPM++ 2M.
 _EXTRA_LABELS = {"dpm++": "DPM++ 2M"}
 
@@ -137,6 +140,7 @@ def _parameter_line(params: dict[str, Any], index: int, version: str) -> str:
         "Denoising strength": params.get("strength"),
         "Eta": params.get("eta"),
         "Guidance rescale": params.get("guidance_rescale") or None,
+        "Emphasis": WEBUI_EMPHASIS.get(params.get("emphasis") or "original"),
         TOOL_VERSION_KEY: version or None,
     }
     return ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None)
@@ -156,7 +160,7 @@ def _unquote_prompt(text: str) -> str:
 
 def parse_infotext(text: str) -> dict[str, Any]:
     """Infotext -> Pipeline keyword arguments (prompt, negative_prompt, sampler, karras, steps,
-    guidance, seed, width, height, strength, eta, guidance_rescale, sampler_options) plus
+    guidance, seed, width, height, strength, eta, guidance_rescale, sampler_options, emphasis) plus
     ``model_hash`` / ``model`` when present."""
     if len(text) > MAX_INFOTEXT_CHARS:
         raise InputError(
@@ -201,6 +205,12 @@ def parse_infotext(text: str) -> dict[str, Any]:
         for key, (name, cast) in conversions.items():
             if key in raw:
                 out[name] = cast(raw[key])
+        if "Emphasis" in raw:
+            names = {v.lower(): k for k, v in WEBUI_EMPHASIS.items() if v}
+            emphasis = raw["Emphasis"].strip().lower()
+            if emphasis not in {*names, "original"}:
+                raise ValueError(f"Emphasis {raw['Emphasis']!r} is not a mode trt-sd knows")
+            out["emphasis"] = names.get(emphasis, "original")
         if "Size" in raw:
             size = _RE_SIZE.match(raw["Size"].strip())
             if size is None:

@@ -55,3 +55,20 @@ def sampler_noise_fn(seeds: Sequence[int]) -> Callable[[tuple[int, ...]], np.nda
         return generators[0].standard_normal(shape, dtype=np.float32)
 
     return draw
+
+
+def request_noise(
+    seeds: Sequence[int], shape: tuple[int, ...], latents: np.ndarray | None
+) -> np.ndarray:
+    """A request's initial noise of ``shape`` (batch first): the caller's ``latents``, checked
+    (InputError), or drawn from ``seeds``."""
+    from trt_sd.models.errors import InputError
+
+    if latents is None:
+        return initial_noise(seeds, shape[1:])
+    latents = np.asarray(latents, dtype=np.float32)
+    if latents.shape != shape:
+        raise InputError(f"latents must have shape {shape}, got {latents.shape}")
+    if not np.isfinite(latents).all():
+        raise InputError("latents contain NaN or inf")
+    return latents

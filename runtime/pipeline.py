@@ -40,7 +40,7 @@ from .denoise import DenoiseStep, Lane, check_latents, unet_overflow_hint
 from .handoff import end_calls, prepare_handoff
 from .images import image_size, load_image, to_uint8
 from .multidevice import StagedUNet, place
-from .noise import initial_noise, posterior_sample, sampler_noise_fn
+from .noise import posterior_sample, request_noise, sampler_noise_fn
 from .progress import ProgressArg, progress_reporter
 from .request import DEFAULT_SAMPLER, Request, build_request
 from .tokenizer import ClipTokenizer
@@ -192,6 +192,7 @@ class Pipeline:
         denoising_end: float | None = None,
         denoising_start: float | None = None,
         output_type: str = "image",
+        emphasis: str = "original",
         **options: Any,
     ) -> GenerationResult:
         """Generate ``batch`` images. Unset prompt, steps, guidance, height and width come from
@@ -204,6 +205,8 @@ class Pipeline:
         with ``strength`` (default 0.8); its size sets height / width when those are unset.
         ``progress``: True for a tqdm bar on stderr, or a callable ``(done, total)``.
         ``deepcache``: cache interval N (``0`` off; default: the one given to :meth:`load`).
+        ``emphasis``: how the prompt's ``(word:1.3)`` / ``[word]`` weight it (AUTOMATIC1111's
+        modes, :mod:`trt_sd.runtime.prompt_chunks`; ``"none"`` reads them as diffusers does).
         ``options``: the model family's own (SDXL: ``original_size``,
         ``crops_coords_top_left``, ``target_size`` and their ``negative_`` forms, diffusers'
         defaults); InputError for an option the family does not take.
@@ -248,6 +251,7 @@ class Pipeline:
             karras=karras,
             eta=eta,
             sampler_options=sampler_options or {},
+            emphasis=emphasis,
         )
         family_options = self.family.check_options(options, req.height, req.width)
         noise = self._initial_noise(req, latents)
@@ -307,12 +311,12 @@ class Pipeline:
         return self._stepper(req)
 
     def encode_conditioning(
-        self, rows: PromptRows, timings: dict[str, float] | None = None
+        self, rows: PromptRows, timings: dict[str, float] | None = None, emphasis: str = "original"
     ) -> dict[str, Any]:
-        """Host UNet conditioning of ``rows`` (rows of any requests) from one call per text
-        encoder; keyed by UNet input name, rows on the first axis."""
-        timings = {} if timings is None else timings
-        return self.text(rows, self._text_run(timings), self._to_host)
+        """Host UNet conditioning of ``rows`` (rows of any requests, all padded to one context
+        length) from one call per text encoder; keyed by UNet input name, rows first."""
+        run = self._text_run({} if timings is None else timings)
+        return self.text(rows, run, self._to_host, emphasis=emphasis)
 
     def _text_run(self, timings: dict[str, float]) -> Any:
         def run(name: str, feeds: dict[str, Any], keep: tuple[str, ...]) -> dict:
@@ -331,21 +335,9 @@ class Pipeline:
         return self._decode(latents, {} if timings is None else timings)
 
     def _initial_noise(self, req: Request, latents: np.ndarray | None) -> np.ndarray:
-        dims = self.manifest.dims
-        shape = (
-            req.batch,
-            dims.latent_channels,
-            req.height // dims.vae_scale_factor,
-            req.width // dims.vae_scale_factor,
-        )
-        if latents is not None:
-            latents = np.asarray(latents, dtype=np.float32)
-            if latents.shape != shape:
-                raise InputError(f"latents must have shape {shape}, got {latents.shape}")
-            if not np.isfinite(latents).all():
-                raise InputError("latents contain NaN or inf")
-            return latents
-        return initial_noise(req.seeds, shape[1:])
+        dims, factor = self.manifest.dims, self.manifest.dims.vae_scale_factor
+        shape = (req.batch, dims.latent_channels, req.height // factor, req.width // factor)
+        return request_noise(req.seeds, shape, latents)
 
     def _stepper(self, req: Request) -> Any:
         kwargs: dict[str, Any] = dict(req.sampler_options)
@@ -395,7 +387,8 @@ class Pipeline:
             req.prompts, req.negative_prompts, req.cfg, (req.height, req.width), options
         )
         keep = self._embeddings_stay_on_device()
-        return self.text(rows, self._text_run(timings), self._to_host, keep_on_device=keep)
+        run = self._text_run(timings)
+        return self.text(rows, run, self._to_host, keep_on_device=keep, emphasis=req.emphasis)
 
     def _embeddings_stay_on_device(self) -> bool:
         """The UNet can take the text encoder's device tensor as it is: same GPU backend and

@@ -20,10 +20,13 @@ from trt_sd.models.descriptors import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCOD
 from trt_sd.models.errors import InputError
 from trt_sd.models.manifest import Manifest
 
+from .prompt_chunks import EMPHASIS_MODES
+
 DEFAULT_SAMPLER = "dpm++"
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 7.5
 DEFAULT_STRENGTH = 0.8  # diffusers' img2img default
+DEFAULT_EMPHASIS = "original"  # the WebUI's default emphasis mode
 MAX_SEED = 2**63 - 1
 #: Absolute ceilings, checked before anything proportional to them is allocated (output paths,
 #: noise, sampler tables) and before the engines' own shape ranges: far above any real use.
@@ -53,6 +56,8 @@ class Request:
     karras: bool | None
     eta: float | None
     sampler_options: dict[str, Any] = field(default_factory=dict)  # e.g. exponential sigmas
+    #: how ``(word:1.3)`` / ``[word]`` are read (:data:`~.prompt_chunks.EMPHASIS_MODES`)
+    emphasis: str = DEFAULT_EMPHASIS
 
     @property
     def cfg(self) -> bool:
@@ -77,6 +82,8 @@ class Request:
             del params["strength"]
         if not self.sampler_options:
             del params["sampler_options"]
+        if self.emphasis == DEFAULT_EMPHASIS:  # as the WebUI's infotext: only when not default
+            del params["emphasis"]
         return params
 
 
@@ -228,6 +235,7 @@ def build_request(
     karras: bool | None,
     eta: float | None,
     sampler_options: dict[str, Any],
+    emphasis: str = DEFAULT_EMPHASIS,
 ) -> Request:
     """Fill unset arguments from ``manifest.defaults`` and validate all of them."""
     defaults = manifest.defaults
@@ -270,6 +278,10 @@ def build_request(
         isinstance(k, str) for k in sampler_options
     ):
         raise InputError("sampler_options must be a dict with string keys")
+    if emphasis not in EMPHASIS_MODES:
+        raise InputError(
+            f"emphasis must be one of {', '.join(EMPHASIS_MODES)}, got {_kind(emphasis)}"
+        )
     canonical, implied = resolve_sampler(sampler)
     implied_karras = implied.pop("use_karras_sigmas", None)
     if karras is None:
@@ -291,6 +303,7 @@ def build_request(
         karras=None if karras is None else bool(karras),
         eta=eta,
         sampler_options={**implied, **sampler_options},
+        emphasis=emphasis,
     )
     check_size(manifest, height, width, batch, request.cfg)
     return request

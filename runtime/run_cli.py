@@ -33,11 +33,13 @@ _FROM_PNG_KEYS = (
     "eta",
     "guidance_rescale",
     "sampler_options",
+    "emphasis",
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from trt_sd.runtime.backends import BACKEND_CHOICES
+    from trt_sd.runtime.prompt_chunks import EMPHASIS_MODES
 
     parser.add_argument("--engines", metavar="DIR", help="engine directory (default: the cache)")
     parser.add_argument("--prompt", metavar="TEXT", help="prompt (default: the model's)")
@@ -59,6 +61,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--eta",
         type=float,
         help="noise of DDIM and the ancestral samplers (ddim, euler-a, dpm2-a, dpm++2s-a)",
+    )
+    parser.add_argument(
+        "--emphasis",
+        choices=EMPHASIS_MODES,
+        help="how (word:1.3) and [word] weight the prompt: original (the WebUI's default), "
+        "no_norm, ignore (weights off, BREAK kept) or none (brackets are plain text, as in "
+        "diffusers)",
     )
     parser.add_argument("--image", metavar="FILE", help="init image: img2img")
     parser.add_argument("--strength", type=float, help="img2img strength in (0, 1] (default 0.8)")
