@@ -3,8 +3,11 @@
 One scheduler thread owns the engines. Each turn of its loop it
 
 1. admits waiting requests while fewer than ``max_batch`` are active, and text-encodes the
-   new ones (their prompt rows in one text-encoder call);
-2. builds one UNet batch from the active requests of one image size - a request's
+   new ones (the prompt rows of those with the same emphasis mode and context length in one
+   text-encoder call: encoding pads every row to the longest, so a short prompt is never
+   padded because a long one came with it);
+2. builds one UNet batch from the active requests of one image size and one context length
+   (long prompts are 154, 231, ... tokens; the UNet takes one length per call) - a request's
    ``[uncond, cond]`` rows (or its single row without CFG), each row with the timestep of
    that request's own sampler step (the UNet takes one timestep per row);
 3. splits the output per request, applies its guidance and advances its own stepper (the
@@ -36,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from trt_sd.models.descriptors import UNET, VAE_DECODER
+from trt_sd.models.descriptors import CONTEXT, UNET, VAE_DECODER
 from trt_sd.models.errors import InputError, TrtSdError
 from trt_sd.models.families import PromptRows
 from trt_sd.runtime.denoise import Lane, split_rows
@@ -148,6 +151,7 @@ class BatchingEngine:
         karras: bool | None = None,
         eta: float | None = None,
         guidance_rescale: float = 0.0,
+        emphasis: str = "original",
         **options: Any,
     ) -> Ticket:
         """Validate a request (the rules and messages of ``trt-sd run``: InputError) and queue
@@ -171,6 +175,7 @@ class BatchingEngine:
             karras=karras,
             eta=eta,
             sampler_options={},
+            emphasis=emphasis,
         )
         family_options = self.pipe.family.check_options(options, req.height, req.width)
         stepper = self.pipe.make_stepper(req)  # sampler-specific errors surface here, too
@@ -264,22 +269,43 @@ class BatchingEngine:
         return new
 
     def _start(self, jobs: list[Job]) -> None:
-        """Text-encode new requests (their rows together) and draw their initial latents."""
+        """Text-encode new requests (rows of one emphasis mode and context length together)
+        and draw their initial latents."""
+        groups: dict[tuple[str, int], list[Job]] = {}
+        for job in jobs:
+            try:
+                key = (
+                    job.req.emphasis,
+                    self.pipe.text.sequence_length(self._rows(job).texts, job.req.emphasis),
+                )
+            except Exception as e:
+                self._failed(job, e)
+                continue
+            groups.setdefault(key, []).append(job)
+        for (emphasis, _), group in groups.items():
+            self._encode(group, emphasis)
+
+    @staticmethod
+    def _rows(job: Job) -> PromptRows:
+        req = job.req
+        return PromptRows.for_request(
+            req.prompts, req.negative_prompts, req.cfg, job.size, job.options
+        )
+
+    def _encode(self, jobs: list[Job], emphasis: str) -> None:
+        """Encode ``jobs`` (same context length) in calls of the text encoder's batch."""
         dims = self.pipe.manifest.dims
         rows_limit = self._text_rows.max
         for chunk in chunks(jobs, lambda j: j.rows, rows_limit, len(jobs)):
-            rows = [
-                PromptRows.for_request(
-                    j.req.prompts, j.req.negative_prompts, j.req.cfg, j.size, j.options
-                )
-                for j in chunk
-            ]
+            rows = [self._rows(j) for j in chunk]
             try:
-                conditioning = self.pipe.encode_conditioning(sum(rows[1:], rows[0]))
+                conditioning = self.pipe.encode_conditioning(
+                    sum(rows[1:], rows[0]), emphasis=emphasis
+                )
             except Exception as e:
                 if len(chunk) > 1:  # isolate: a failure fails only its own request
                     for job in chunk:
-                        self._start([job])
+                        self._encode([job], emphasis)
                 else:
                     self._failed(chunk[0], e)
                 continue
@@ -293,16 +319,21 @@ class BatchingEngine:
                 )
                 job.x = job.stepper.prepare_noise(initial_noise(job.req.seeds, shape))
 
+    @staticmethod
+    def _unet_key(job: Job) -> tuple[tuple[int, int], int]:
+        """What must match for rows to share a UNet call: image size and context length."""
+        return job.size, int(np.shape((job.embeddings or {})[CONTEXT])[1])
+
     def _unet_turn(self) -> None:
-        """One UNet call for the active requests of one image size (the one whose request has
-        waited longest for a call), each row at its request's own timestep."""
+        """One UNet call for the active requests of one image size and context length (those
+        of the request that has waited longest for a call), each row at its own timestep."""
         with self._cond:
             ready = [j for j in self._active if j.x is not None and not j.cancelled]
         order = sorted(ready, key=lambda j: (j.turn, j.seq))
         if not order:
             return
-        size = order[0].size
-        same = [j for j in order if j.size == size]
+        key = self._unet_key(order[0])
+        same = [j for j in order if self._unet_key(j) == key]
         batch = next(chunks(same, lambda j: j.rows, self.max_rows, self.max_batch))
         self._turn += 1
         lanes = []
