@@ -167,7 +167,8 @@ def test_sdxl_long_prompt_matches_diffusers_fed_our_embeddings() -> None:
     from trt_sd.models.families.sdxl import TEXT_EMBEDS, TEXT_ENCODER_2
 
     pipe = Pipeline.load(tiny_sdxl_engines(), backend="onnxruntime-cpu")
-    rows = PromptRows.for_request([LONG], [NEGATIVE], True, (SIZE, SIZE), {})
+    options = pipe.family.check_options({}, SIZE, SIZE)
+    rows = PromptRows.for_request([LONG], [NEGATIVE], True, (SIZE, SIZE), options)
     cond = pipe.encode_conditioning(rows)
     assert cond[CONTEXT].shape[:2] == (2, 231)
     # the pooled embedding is bigG's on each prompt's first chunk
