@@ -33,8 +33,8 @@ MAX_SEED = 2**63 - 1
 MAX_BATCH = 4096
 MAX_STEPS = 1000  # the training schedule's length: more steps revisit the same noise levels
 MAX_SIDE = 16384
-#: CLIP reads 77 tokens; a longer prompt is truncated anyway, and tokenising megabytes on the
-#: shared scheduler thread would stall every other request
+#: the UNet reads a few 75-token chunks (``--prompt-chunks``); a longer prompt is truncated
+#: anyway, and tokenising megabytes on the shared scheduler thread would stall every request
 MAX_PROMPT_CHARS = 4096
 
 
@@ -108,7 +108,7 @@ def check_prompt(text: str, what: str = "prompt") -> str:
     if len(text) > MAX_PROMPT_CHARS:
         raise InputError(
             f"{what} is {len(text)} characters; at most {MAX_PROMPT_CHARS} are allowed "
-            "(CLIP reads the first 77 tokens)"
+            "(the engines read a few 75-token chunks of it)"
         )
     try:
         text.encode("utf-8")
