@@ -36,6 +36,7 @@ import numpy as np
 
 from trt_sd.models.descriptors import TEXT_ENCODER, UNET, VAE_DECODER
 from trt_sd.models.errors import InputError, NumericalError, TrtSdError
+from trt_sd.runtime.images import image_size, load_image
 from trt_sd.runtime.noise import initial_noise
 from trt_sd.runtime.pipeline import (
     Pipeline,
@@ -151,9 +152,16 @@ class BatchingEngine:
         karras: bool | None = None,
         eta: float | None = None,
         guidance_rescale: float = 0.0,
+        image: Any = None,
+        strength: float | None = None,
     ) -> Ticket:
         """Validate a request (the rules and messages of ``trt-sd run``: InputError) and queue
-        it; QueueFullError when the queue is full, EngineStoppedError after :meth:`close`."""
+        it; QueueFullError when the queue is full, EngineStoppedError after :meth:`close`.
+        ``image`` (PIL image or uint8 array) + ``strength``: img2img, as ``Pipeline.__call__``."""
+        if image is not None and (height is None or width is None):
+            size = image_size(image)
+            width = size[0] if width is None and size else width
+            height = size[1] if height is None and size else height
         req = build_request(
             self.pipe.manifest,
             resolve_sampler,
@@ -167,8 +175,8 @@ class BatchingEngine:
             height=height,
             width=width,
             batch=1,
-            img2img=False,
-            strength=None,
+            img2img=image is not None,
+            strength=strength,
             karras=karras,
             eta=eta,
             sampler_options={},
@@ -176,6 +184,8 @@ class BatchingEngine:
         stepper = self.pipe.make_stepper(req)  # sampler-specific errors surface here, too
         now = time.monotonic()
         job = Job(req, stepper, Future(), now + self.timeout_s, now, next(self._seq))
+        if image is not None:
+            job.init = load_image(image, req.width, req.height)
         with self._cond:
             if self._stopped or not self._thread.is_alive():
                 raise EngineStoppedError("the generation engine is stopped")
@@ -287,7 +297,15 @@ class BatchingEngine:
                     job.req.height // dims.vae_scale_factor,
                     job.req.width // dims.vae_scale_factor,
                 )
-                job.x = job.stepper.prepare_noise(initial_noise(job.req.seeds, shape))
+                noise = initial_noise(job.req.seeds, shape)
+                if job.init is None:
+                    job.x = job.stepper.prepare_noise(noise)
+                    continue
+                try:  # img2img: the encoded init image, noised to the first timestep
+                    latents = self.pipe._encode_image(job.req, job.init, {})
+                    job.x, job.init = job.stepper.add_noise(latents, noise), None
+                except Exception as e:
+                    self._failed(job, e)
 
     def _unet_turn(self) -> None:
         """One UNet call for the active requests of one image size (the one whose request has

@@ -57,6 +57,7 @@ class Job:
     step: int = 0
     turn: int = 0  # scheduler turn of its last UNet call (fairness across sizes)
     cancelled: bool = False
+    init: np.ndarray | None = None  # img2img: the init image (1, 3, H, W) in [-1, 1]
 
     @property
     def rows(self) -> int:
