@@ -1,0 +1,130 @@
+"""The client-API building blocks without Ray: API-key checks, the model catalog (several
+engine directories, folders of them, built size ranges) and img2img through the batching
+replica (``/generate``'s ``image`` field) against ``Pipeline.__call__``."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from runtime_engines import tiny_engines
+
+from trt_sd.models.errors import InputError
+from trt_sd.runtime import Pipeline
+from trt_sd.runtime.serve.auth import authorized, presented_key, resolve_api_key
+from trt_sd.runtime.serve.catalog import expand_dirs, find_model, load_catalog
+from trt_sd.runtime.serve.front import Limits
+from trt_sd.runtime.serve.replica import Generator
+
+
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def test_bearer_and_basic_auth() -> None:
+    assert authorized(None, None)  # no key: open
+    assert authorized("Bearer s3cret", "s3cret")
+    assert authorized(_basic("anyone", "s3cret"), "s3cret")
+    for header in (
+        None,
+        "",
+        "Bearer",
+        "Bearer nope",
+        _basic("s3cret", ""),
+        "Basic !!",
+        "Token s3cret",
+    ):
+        assert not authorized(header, "s3cret"), header
+    assert presented_key(_basic("u", "a:b")) == "a:b"  # the password may hold a colon
+
+
+def test_api_key_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRT_SD_API_KEY", raising=False)
+    assert resolve_api_key(None, None) is None
+    monkeypatch.setenv("TRT_SD_API_KEY", "from-env")
+    assert resolve_api_key(None, None) == "from-env"
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    assert resolve_api_key(None, str(key_file)) == "from-file"
+    assert resolve_api_key("flag", None) == "flag"
+    with pytest.raises(InputError, match="not both"):
+        resolve_api_key("a", str(key_file))
+    with pytest.raises(InputError, match="one word"):
+        resolve_api_key("two words", None)
+    with pytest.raises(InputError, match="cannot read"):
+        resolve_api_key(None, str(tmp_path / "missing"))
+
+
+def test_catalog_folder_of_engine_dirs(tmp_path: Path) -> None:
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for name in ("beta", "alpha"):
+        shutil.copytree(tiny_engines(), folder / name)
+    assert [p.name for p in expand_dirs([str(folder)])] == ["alpha", "beta"]
+    models = load_catalog([str(folder)])
+    assert [m.name for m in models] == ["alpha", "beta"]
+    alpha = models[0]
+    assert (alpha.width, alpha.height, alpha.img2img) == ((16, 24), (16, 24), True)
+    assert find_model(models, None) is alpha
+    assert find_model(models, "BETA") is models[1]
+    assert find_model(models, alpha.title) is alpha
+    assert find_model(models, "gamma") is None
+    with pytest.raises(InputError, match="two engine directories have the model name 'alpha'"):
+        load_catalog([str(folder / "alpha"), str(folder)])
+    with pytest.raises(InputError, match=r"width 16\.\.24, height 16\.\.24"):
+        alpha.check_size(32, 16)
+    with pytest.raises(InputError, match="multiples of 8"):
+        alpha.check_size(20, 16)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match=r"no manifest\.json"):
+        expand_dirs([str(tmp_path / "empty")])
+
+
+def test_limits_name_what_is_over() -> None:
+    limits = Limits(max_images=4, max_steps=50, max_pixels=16 * 16 * 4, max_prompt_chars=10)
+    limits.check(4, 50, 16, 16, ["short"])
+    for args, words in [
+        ((5, 1, 16, 16, []), "allowed 1..4"),
+        ((1, 51, 16, 16, []), "limit of 50"),
+        ((2, 1, 32, 32, []), "pixels per request"),
+        ((1, 1, 16, 16, ["x" * 11]), "at most 10"),
+    ]:
+        with pytest.raises(InputError, match=words):
+            limits.check(*args)
+
+
+def test_generate_image_field_is_img2img_like_the_pipeline() -> None:
+    gen = Generator(str(tiny_engines()), backend="onnxruntime-cpu")
+    try:
+        init = (np.arange(16 * 24 * 3) % 253).astype(np.uint8).reshape(16, 24, 3)
+        png = io.BytesIO()
+        Image.fromarray(init).save(png, "PNG")
+        body = {
+            "prompt": "a cat",
+            "image": "data:image/png;base64," + base64.b64encode(png.getvalue()).decode(),
+            "strength": 0.6,
+            "seed": 9,
+            "steps": 5,
+            "sampler": "euler",
+        }
+        reply = asyncio.run(gen.generate(json.dumps(body).encode()))
+        assert reply.status == 200, reply.body
+        served = np.asarray(Image.open(io.BytesIO(reply.body)).convert("RGB"), dtype=np.int16)
+        pipe = Pipeline.load(tiny_engines(), backend="onnxruntime-cpu")
+        ref = pipe(prompt="a cat", image=init, strength=0.6, seed=9, steps=5, sampler="euler")
+        assert served.shape == (16, 24, 3)  # the size comes from the init image
+        assert np.abs(served - ref.images[0]).max() <= 1
+        bad = dict(body, image="bm90IGFuIGltYWdl")
+        reply = asyncio.run(gen.generate(json.dumps(bad).encode()))
+        assert reply.status == 400 and reply.json["error"].startswith("image is not a readable")
+        reply = asyncio.run(gen.generate(json.dumps(dict(body, strength=0)).encode()))
+        assert reply.status == 400 and "strength must be in (0, 1]" in reply.json["error"]
+    finally:
+        gen.close()
