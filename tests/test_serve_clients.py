@@ -255,3 +255,23 @@ def test_metrics_are_prometheus_text(server) -> None:
     calls = [line for line in text.splitlines() if line.startswith("trt_sd_unet_calls_total")]
     assert any(int(line.split()[-1]) > 0 for line in calls)
     json.dumps(text)  # plain text, one sample per line
+
+
+def test_progress_and_interrupt(webui, server) -> None:
+    """A long request shows in /progress; /interrupt ends it early with the images done so far
+    (none or some, never an error)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(
+            webui.txt2img, prompt="long", seed=1, steps=150, batch_size=4, width=16, height=16
+        )
+        deadline = time.monotonic() + 60
+        while webui.get_progress()["state"]["job_count"] == 0:
+            assert time.monotonic() < deadline and not future.done()
+            time.sleep(0.05)
+        assert webui.interrupt() == {}
+        result = future.result(timeout=60)
+    assert result.info["interrupted"] is True
+    assert len(result.images) < 4
+    assert webui.get_progress()["state"]["job_count"] == 0

@@ -22,8 +22,9 @@ from typing import Any
 from starlette.requests import Request
 
 from trt_sd.models.errors import InputError
-from trt_sd.runtime.infotext import PNG_KEY, WEBUI_SAMPLERS, webui_sampler_name
+from trt_sd.runtime.infotext import PNG_KEY, webui_sampler_name
 
+from .a1111_info import LISTS, SCHEDULERS, FieldError, model_titles, options, set_options
 from .b64images import b64, decode_image
 from .catalog import ModelEntry
 from .front import Front, TooLargeError, json_ok
@@ -94,18 +95,7 @@ _MAPPED = (
     "batch_size", "n_iter", "steps", "cfg_scale", "width", "height", "eta",
     "override_settings", "send_images",
 )  # fmt: skip
-#: the WebUI's schedulers we implement (others: 422 with this list)
-SCHEDULERS = {
-    "automatic": ("Automatic", None),
-    "karras": ("Karras", 7.0),
-    "exponential": ("Exponential", None),
-}
-OPTIONS_SETTABLE = ("sd_model_checkpoint",)
 WEBUI_DEFAULT_SAMPLER = "Euler"  # the API's sampler_index default
-
-
-class FieldError(InputError):
-    """A request field the WebUI defines but we cannot honour (HTTP 422)."""
 
 
 async def handle(front: Front, request: Request, path: str) -> Reply:
@@ -130,7 +120,7 @@ async def handle(front: Front, request: Request, path: str) -> Reply:
             if request.method == "POST":
                 set_options(front, await front.read_json(request))
             return json_ok(options(front))
-        return json_ok(_LISTS[name](front))
+        return json_ok(LISTS[name](front))
     except TooLargeError as e:
         return error_reply(413, str(e))
     except FieldError as e:
@@ -186,7 +176,7 @@ def _model_for(front: Front, data: dict[str, Any]) -> ModelEntry:
     if model is None:
         raise FieldError(
             f"override_settings.sd_model_checkpoint {name!r} is not a model here; "
-            f"choose one of {_titles(front)}"
+            f"choose one of {model_titles(front)}"
         )
     return model
 
@@ -338,120 +328,3 @@ def _infotext(png: bytes) -> str:
 
     with Image.open(io.BytesIO(png)) as im:
         return str(im.info.get(PNG_KEY, ""))
-
-
-def sd_models(front: Front) -> list[dict[str, Any]]:
-    return [
-        {
-            "title": m.title,
-            "model_name": m.name,
-            "hash": m.short_hash or None,
-            "sha256": m.model_hash if len(m.model_hash) == 64 else None,
-            "filename": m.engine_dir,
-            "config": None,
-        }
-        for m in front.models
-    ]
-
-
-def samplers(front: Front) -> list[dict[str, Any]]:
-    """The WebUI sampler names our registry implements (``/sdapi/v1/samplers``)."""
-    from trt_sd.samplers import SAMPLERS, resolve
-
-    out = []
-    for name in WEBUI_SAMPLERS:
-        try:
-            canonical, _ = resolve(name)
-        except ValueError:
-            continue
-        aliases = [canonical, *(a for a in SAMPLERS[canonical].aliases if a != name)]
-        out.append({"name": name, "aliases": aliases, "options": {}})
-    return out
-
-
-def schedulers(front: Front) -> list[dict[str, Any]]:
-    return [
-        {
-            "name": k,
-            "label": label,
-            "aliases": None,
-            "default_rho": rho or -1.0,
-            "need_inner_model": False,
-        }
-        for k, (label, rho) in SCHEDULERS.items()
-    ]
-
-
-def options(front: Front) -> dict[str, Any]:
-    m = front.current
-    return {
-        "sd_model_checkpoint": m.title,
-        "sd_checkpoint_hash": m.model_hash or None,
-        "samples_format": "png",
-        "CLIP_stop_at_last_layers": 1,
-    }
-
-
-def set_options(front: Front, data: dict[str, Any]) -> None:
-    """``POST /sdapi/v1/options``: only ``sd_model_checkpoint`` (which model unnamed requests
-    use) can be set; it is the ingress's state, shared by every client of this service."""
-    for key in data:
-        if key not in OPTIONS_SETTABLE and not (
-            key == "CLIP_stop_at_last_layers" and data[key] == 1
-        ):
-            raise FieldError(
-                f"option {key!r} cannot be set here; settable: {', '.join(OPTIONS_SETTABLE)}"
-            )
-    if "sd_model_checkpoint" in data:
-        model = front.model(str(data["sd_model_checkpoint"]))
-        if model is None:
-            raise FieldError(
-                f"sd_model_checkpoint {data['sd_model_checkpoint']!r} is not a model here; "
-                f"choose one of {_titles(front)}"
-            )
-        front.current = model
-
-
-def progress(front: Front) -> dict[str, Any]:
-    """Finished / requested images of the WebUI requests in flight (per image, not per step)."""
-    p = front.progress()
-    return {
-        "progress": round(p["progress"], 4),
-        "eta_relative": round(p["eta"], 3),
-        "state": {
-            "skipped": False,
-            "interrupted": False,
-            "stopping_generation": False,
-            "job": "",
-            "job_count": p["jobs"],
-            "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
-            "job_no": p["done"],
-            "sampling_step": 0,
-            "sampling_steps": 0,
-        },
-        "current_image": None,
-        "textinfo": None,
-    }
-
-
-def interrupt(front: Front) -> dict[str, Any]:
-    front.interrupt()
-    return {}
-
-
-def scripts(front: Front) -> dict[str, Any]:
-    return {"txt2img": [], "img2img": []}
-
-
-def _titles(front: Front) -> str:
-    return ", ".join(m.title for m in front.models)
-
-
-_LISTS = {
-    "sd-models": sd_models,
-    "samplers": samplers,
-    "schedulers": schedulers,
-    "progress": progress,
-    "interrupt": interrupt,
-    "scripts": scripts,
-}

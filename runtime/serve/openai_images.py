@@ -150,6 +150,12 @@ async def _generate(front: Front, fields: dict[str, Any], image: Any) -> Reply:
     if not 1 <= n <= min(MAX_N, front.limits.max_images):
         raise ApiError(f"n must be in 1..{min(MAX_N, front.limits.max_images)}, got {n}", "n")
     width, height = _size(fields.get("size"), model)
+    if image is not None and fields.get("size") is None:  # the image's own size if it fits
+        try:
+            model.check_size(image.shape[1], image.shape[0])
+            width, height = image.shape[1], image.shape[0]
+        except InputError:
+            pass  # the model's default size; the image is resized to it
     steps = _int(fields, "steps", None)
     seed = _int(fields, "seed", None)
     negative = fields.get("negative_prompt") or ""
@@ -222,8 +228,6 @@ async def _read_multipart(front: Front, request: Request) -> tuple[dict[str, Any
     if len(images) != 1:
         raise ApiError(f"send exactly one image (got {len(images)})", "image")
     image = image_from_bytes(images[0], "image")
-    if "size" not in fields:
-        fields["size"] = f"{image.shape[1]}x{image.shape[0]}"
     if "strength" in fields:
         try:
             fields["strength"] = float(fields["strength"])
