@@ -199,6 +199,55 @@ def run_apis(engines: Path, args: argparse.Namespace) -> dict[str, list[dict]]:
     return results
 
 
+def adapter_cost(engines: Path, calls: int = 200) -> dict[str, float]:
+    """Milliseconds of ingress work per one-image request in each adapter, with the replica
+    replaced by a canned 512x512 PNG reply: field checks, fan-out, base64, ``info`` - the
+    adapters' whole cost, free of the generation noise of a shared machine."""
+    import asyncio
+    import io
+
+    import numpy as np
+
+    from trt_sd.runtime.infotext import save_png
+    from trt_sd.runtime.serve import a1111, openai_images
+    from trt_sd.runtime.serve.catalog import model_entry
+    from trt_sd.runtime.serve.front import Front, FrontConfig
+    from trt_sd.runtime.serve.replica import PARAMS_HEADER, Reply
+
+    model = model_entry(engines)
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    save_png(buffer, rng.integers(0, 256, (512, 512, 3), dtype=np.uint8), "a cat\nSteps: 20")
+    params = json.dumps({"seed": 1, "sampler": "dpm++", "guidance": 7.5, "steps": 20})
+    reply = Reply(200, buffer.getvalue(), "image/png", {PARAMS_HEADER: params})
+
+    async def generate(name: str, kwargs: dict) -> Reply:
+        return reply
+
+    front = Front(FrontConfig((model,)), generate, generate)  # type: ignore[arg-type]
+    size = {"width": model.default_width, "height": model.default_height}
+    paths = {
+        "A1111 /sdapi/v1/txt2img": lambda i: a1111.generate(
+            front, {"prompt": PROMPT, "seed": i, **size, **A1111_SAME}, False
+        ),
+        "OpenAI /v1/images/generations": lambda i: openai_images._generate(
+            front, {"prompt": PROMPT, "seed": i, "size": f"{size['width']}x{size['height']}"}, None
+        ),
+    }
+    out = {}
+    for name, call in paths.items():
+
+        async def run(call: Callable = call) -> float:
+            t0 = time.perf_counter()
+            for i in range(calls):
+                assert (await call(i)).status == 200
+            return time.perf_counter() - t0
+
+        out[name] = asyncio.run(run()) / calls * 1000
+        print(f"adapter cost {name:<32} {out[name]:.2f} ms per request (512x512 PNG)")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engines", type=Path, help="engine directory (default: export)")
@@ -219,6 +268,7 @@ def main() -> None:
     if args.apis:
         print(head)
         results = report(run_apis(engines, args))
+        results["adapter_ms"] = adapter_cost(engines)
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))
         return

@@ -25,9 +25,9 @@ from trt_sd.models.errors import InputError
 from trt_sd.runtime.infotext import PNG_KEY, webui_sampler_name
 
 from .a1111_info import LISTS, SCHEDULERS, FieldError, model_titles, options, set_options
-from .b64images import b64, decode_image
+from .b64images import decode_image
 from .catalog import ModelEntry
-from .front import Front, TooLargeError, json_ok
+from .front import Blob, Front, TooLargeError, json_ok, json_with_blobs
 from .replica import Reply, error_reply
 
 #: WebUI fields we do not implement -> test that the value is the WebUI's "off" (ignored then)
@@ -316,11 +316,11 @@ async def generate(front: Front, data: dict[str, Any], img2img: bool) -> Reply:
     }
     send = data.get("send_images", True) is not False
     payload = {
-        "images": [b64(im.png) for im in images] if send else [],
+        "images": [Blob(im.png) for im in images] if send else [],
         "parameters": parameters,
         "info": json.dumps(info, ensure_ascii=False),
     }
-    return json_ok(payload)
+    return json_with_blobs(payload)
 
 
 def _infotext(png: bytes) -> str:

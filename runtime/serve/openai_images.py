@@ -20,9 +20,9 @@ from starlette.requests import Request
 
 from trt_sd.models.errors import InputError
 
-from .b64images import b64, image_from_bytes
+from .b64images import image_from_bytes
 from .catalog import ModelEntry
-from .front import Front, TooLargeError, json_ok
+from .front import Blob, Front, TooLargeError, json_ok, json_with_blobs
 from .replica import Reply, json_reply
 
 MAX_N = 10  # OpenAI's own bound for n
@@ -191,9 +191,9 @@ async def _generate(front: Front, fields: dict[str, Any], image: Any) -> Reply:
         return openai_error(
             error.status, message, **{k: v for k, v in error.headers.items() if k == "Retry-After"}
         )
-    return json_ok({
+    return json_with_blobs({
         "created": int(time.time()),
-        "data": [{"b64_json": b64(im.png)} for im in images],
+        "data": [{"b64_json": Blob(im.png)} for im in images],
         "output_format": "png",
         "size": f"{width}x{height}",
     })  # fmt: skip
