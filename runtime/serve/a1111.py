@@ -13,6 +13,7 @@ are always PNG with the WebUI ``parameters`` chunk.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import secrets
@@ -268,7 +269,10 @@ def engine_requests(
 
 async def generate(front: Front, data: dict[str, Any], img2img: bool) -> Reply:
     """``POST /sdapi/v1/txt2img`` / ``img2img``."""
-    model, requests, parameters = engine_requests(front, data, img2img)
+    if img2img:  # decoding init images off the event loop: other requests keep flowing
+        model, requests, parameters = await asyncio.to_thread(engine_requests, front, data, True)
+    else:
+        model, requests, parameters = engine_requests(front, data, False)
     images, error, interrupted = await front.images(model, requests)
     if error is not None and not images:
         return error

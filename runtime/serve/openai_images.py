@@ -11,6 +11,7 @@ engine directories (``GET /v1/models`` lists them). Extensions beyond OpenAI's f
 
 from __future__ import annotations
 
+import asyncio
 import email.parser
 import email.policy
 import time
@@ -227,7 +228,7 @@ async def _read_multipart(front: Front, request: Request) -> tuple[dict[str, Any
             fields[name] = payload.decode("utf-8", "replace")
     if len(images) != 1:
         raise ApiError(f"send exactly one image (got {len(images)})", "image")
-    image = image_from_bytes(images[0], "image")
+    image = await asyncio.to_thread(image_from_bytes, images[0], "image")
     if "strength" in fields:
         try:
             fields["strength"] = float(fields["strength"])

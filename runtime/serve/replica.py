@@ -137,7 +137,7 @@ class Generator:
             if "image" in kwargs:
                 from .b64images import decode_image
 
-                kwargs["image"] = decode_image(kwargs["image"], "image")
+                kwargs["image"] = await asyncio.to_thread(decode_image, kwargs["image"], "image")
         except (TrtSdError, ValueError) as e:
             return _error_for(e)
         return await self.generate_kwargs(kwargs)
