@@ -128,3 +128,79 @@ def test_generate_image_field_is_img2img_like_the_pipeline() -> None:
         assert reply.status == 400 and "strength must be in (0, 1]" in reply.json["error"]
     finally:
         gen.close()
+
+
+def _front_client(limits: Limits | None = None, key: str | None = "k"):
+    """Front behind a bare ASGI app, replicas replaced by a canned 16x16 PNG."""
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.testclient import TestClient
+
+    from trt_sd.runtime.serve.front import DEFAULT_LIMITS, Front, FrontConfig
+    from trt_sd.runtime.serve.replica import PARAMS_HEADER, Reply
+
+    png = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(png, "PNG")
+    calls: list[dict] = []
+
+    async def generate(model: str, kwargs: dict) -> Reply:
+        calls.append(dict(kwargs, model=model))
+        if kwargs.get("prompt") == "boom":
+            raise RuntimeError("a bug")
+        params = {"seed": kwargs["seed"], "sampler": "euler", "guidance": 7.0}
+        return Reply(200, png.getvalue(), "image/png", {PARAMS_HEADER: json.dumps(params)})
+
+    models = tuple(load_catalog([str(tiny_engines()), str(tiny_engines(v_prediction=True))]))
+    front = Front(FrontConfig(models, key, limits or DEFAULT_LIMITS), generate, generate)
+
+    async def app(scope, receive, send) -> None:
+        reply = await front.route(Request(scope, receive))
+        if reply is None:
+            reply = Reply(404, b"{}")
+        response = Response(reply.body, reply.status, reply.headers, reply.content_type)
+        await response(scope, receive, send)
+
+    return TestClient(app, headers={"Authorization": "Bearer k"}), calls
+
+
+def test_front_errors_are_one_line_with_the_right_status() -> None:
+    client, calls = _front_client(Limits(max_body_bytes=4096))
+    r = client.post("/sdapi/v1/txt2img", content=b"x" * 5000)
+    assert r.status_code == 413 and "at most 4096" in r.json()["error"]
+    r = client.post("/v1/images/generations", content=b"x" * 5000)
+    assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+    r = client.get("/v1/models", headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert "Bearer" in r.headers["www-authenticate"]
+    assert client.get("/sdapi/v1/txt2img").status_code == 405
+    assert client.get("/sdapi/v1/nothing").status_code == 404
+    r = client.post("/v1/images/generations", json={"prompt": "x", "quality": "hd"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "quality"
+    r = client.post("/v1/images/generations", json={"prompt": "x", "colour": 1})
+    assert r.json()["error"]["message"] == "Unrecognized request argument supplied: colour"
+    r = client.post("/v1/images/generations", json={"prompt": "x", "n": 11})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    files = {"image": ("a.png", b"\x89PNG", "image/png"), "mask": ("m.png", b"x", "image/png")}
+    r = client.post("/v1/images/edits", files=files, data={"prompt": "x"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "mask"
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "boom"})
+    assert r.status_code == 500 and "Traceback" not in r.text and r.text.count("\n") == 0
+    assert not [c for c in calls if c["prompt"] != "boom"]
+
+
+def test_front_options_and_model_routing() -> None:
+    client, calls = _front_client()
+    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("engines [")
+    r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope"})
+    assert r.status_code == 422 and "choose one of engines [" in r.json()["error"]
+    r = client.post("/sdapi/v1/options", json={"sd_vae": "x"})
+    assert r.status_code == 422 and "'sd_vae'" in r.json()["error"]
+    assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "engines-v"}).is_success
+    client.post("/sdapi/v1/txt2img", json={"seed": 3, "n_iter": 2, "steps": 2})
+    override = {"sd_model_checkpoint": "engines"}
+    client.post("/sdapi/v1/txt2img", json={"seed": 3, "override_settings": override})
+    client.post("/v1/images/generations", json={"prompt": "p", "seed": 8})
+    assert [(c["model"], c["seed"]) for c in calls] == [
+        ("engines-v", 3), ("engines-v", 4), ("engines", 3), ("engines", 8),
+    ]  # fmt: skip
+    assert calls[0]["sampler"] == "Euler" and calls[0]["guidance"] == 7.0  # WebUI defaults

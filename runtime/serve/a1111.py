@@ -274,7 +274,7 @@ async def generate(front: Front, data: dict[str, Any], img2img: bool) -> Reply:
     else:
         model, requests, parameters = engine_requests(front, data, False)
     images, error, interrupted = await front.images(model, requests)
-    if error is not None and not images:
+    if error is not None:  # one image failed (queue full, bad value): the request failed
         return error
     infotexts = [_infotext(im.png) for im in images]
     first = images[0].params if images else {}

@@ -14,6 +14,7 @@ import asyncio
 import base64
 import itertools
 import json
+import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -28,6 +29,8 @@ from .auth import OPEN_PATHS, UNAUTHORIZED, authorized
 from .catalog import ModelEntry, find_model
 from .metrics import CONTENT_TYPE, Metrics
 from .replica import JSON_TYPE, PARAMS_HEADER, Reply, error_reply, json_reply
+
+log = logging.getLogger(__name__)
 
 #: (model name, engine keyword arguments) -> the replica's reply for one image
 GenerateFn = Callable[[str, dict[str, Any]], Awaitable[Reply]]
@@ -115,7 +118,16 @@ class Front:
     # ---- routing --------------------------------------------------------------------------
     async def route(self, request: Request) -> Reply | None:
         """The reply for a client-API route, a 401, or None (``/generate``, ``/health`` and
-        unknown paths stay with the ingress)."""
+        unknown paths stay with the ingress). A bug is logged and answered 500, one line."""
+        try:
+            return await self._route(request)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("client API request failed")
+            return error_reply(500, "internal error while answering this request")
+
+    async def _route(self, request: Request) -> Reply | None:
         path = request.url.path.rstrip("/") or "/"
         if path not in OPEN_PATHS and not authorized(
             request.headers.get("authorization"), self.config.api_key
