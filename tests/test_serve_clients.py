@@ -230,6 +230,9 @@ def test_openai_errors_are_openai_shaped(server) -> None:
 def test_key_is_required_except_for_health(server) -> None:
     base = server[0]
     assert requests.get(f"{base}/health", timeout=30).status_code == 200
+    r = requests.get(f"{base}/health?model=nope", timeout=30)
+    assert r.status_code == 404
+    assert r.json()["error"] == "no model 'nope'; models: engines, engines-v"
     for method, path in [
         ("GET", "/sdapi/v1/sd-models"),
         ("POST", "/generate"),

@@ -128,20 +128,23 @@ class Ingress:
         elif request.method not in routes[path]:
             allowed = ", ".join(routes[path])
             reply = error_reply(405, f"{path} takes {allowed}", Allow=allowed)
+        elif (name := self._model_name(request)) not in self.handles and name is not None:
+            names = ", ".join(self.handles)
+            reply = error_reply(404, f"no model {name!r}; models: {names}")
         elif path == "/generate":
-            handle = self._model_handle(request)
+            handle = self.handles.get(name or "")
             reply = await self._call("generate", await request.body(), handle=handle)
         else:
-            reply = await self._call("health", handle=self._model_handle(request))
+            reply = await self._call("health", handle=self.handles.get(name or ""))
         return reply
 
-    def _model_handle(self, request: Request) -> DeploymentHandle | None:
-        """``?model=NAME`` picks a model for /generate and /health (default: the first)."""
+    def _model_name(self, request: Request) -> str | None:
+        """``?model=NAME`` picks a model for /generate and /health (None: the first)."""
         name = request.query_params.get("model")
         if not name or self.front is None:
             return None
         model = self.front.model(name)
-        return self.handles[model.name] if model is not None else None
+        return model.name if model is not None else name
 
     async def _call(self, method: str, *args: Any, handle: DeploymentHandle | None = None) -> Reply:
         response = getattr(handle or self.generator, method).remote(*args)

@@ -52,8 +52,8 @@ class Metrics:
             requests = dict(self._requests)
             hist = {k: list(v) for k, v in self._hist.items()}
             sums = dict(self._sum)
-        for (route, status), n in sorted(requests.items()):
-            out.append(f'trt_sd_requests_total{{route="{_label(route)}",code="{status}"}} {n}')
+        for (route, code), n in sorted(requests.items()):
+            out.append(f'trt_sd_requests_total{{route="{_label(route)}",code="{code}"}} {n}')
         out += [
             "# HELP trt_sd_request_seconds Time from request to answer at the ingress.",
             "# TYPE trt_sd_request_seconds histogram",
@@ -84,7 +84,7 @@ class Metrics:
             values["trt_sd_up"].append(f'trt_sd_up{{model="{m}"}} {int(up)}')
             if status is None:
                 continue
-            stats = status.get("stats", {})
+            stats: dict[str, Any] = status.get("stats") or {}
             for name, value in (
                 ("trt_sd_queue_waiting", status.get("waiting", 0)),
                 ("trt_sd_active_requests", status.get("active", 0)),

@@ -216,7 +216,9 @@ async def _read_multipart(front: Front, request: Request) -> tuple[dict[str, Any
     images: list[bytes] = []
     for part in message.iter_parts():
         name = part.get_param("name", header="content-disposition")
-        payload = part.get_payload(decode=True) or b""
+        payload = part.get_payload(decode=True)
+        if not isinstance(payload, bytes):
+            payload = b""
         if name in ("image", "image[]"):
             images.append(payload)
         elif name == "mask":
