@@ -18,9 +18,7 @@ import io
 import json
 import secrets
 import time
-from typing import Any
-
-from starlette.requests import Request
+from typing import TYPE_CHECKING, Any
 
 from trt_sd.models.errors import InputError
 from trt_sd.runtime.infotext import PNG_KEY, webui_sampler_name
@@ -30,6 +28,9 @@ from .b64images import decode_image
 from .catalog import ModelEntry
 from .front import Blob, Front, TooLargeError, json_ok, json_with_blobs
 from .replica import Reply, error_reply
+
+if TYPE_CHECKING:  # starlette comes with the serve extra; `trt-sd --help` runs without it
+    from starlette.requests import Request
 
 #: WebUI fields we do not implement -> test that the value is the WebUI's "off" (ignored then)
 _OFF: dict[str, Any] = {

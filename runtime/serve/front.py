@@ -19,9 +19,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-from starlette.requests import Request
+from typing import TYPE_CHECKING, Any
 
 from trt_sd.models.errors import InputError
 
@@ -29,6 +27,9 @@ from .auth import OPEN_PATHS, UNAUTHORIZED, authorized
 from .catalog import ModelEntry, find_model
 from .metrics import CONTENT_TYPE, Metrics
 from .replica import JSON_TYPE, PARAMS_HEADER, Reply, error_reply, json_reply
+
+if TYPE_CHECKING:  # starlette comes with the serve extra; `trt-sd --help` runs without it
+    from starlette.requests import Request
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,7 @@ import asyncio
 import email.parser
 import email.policy
 import time
-from typing import Any
-
-from starlette.requests import Request
+from typing import TYPE_CHECKING, Any
 
 from trt_sd.models.errors import InputError
 
@@ -25,6 +23,9 @@ from .b64images import image_from_bytes
 from .catalog import ModelEntry
 from .front import Blob, Front, TooLargeError, json_ok, json_with_blobs
 from .replica import Reply, json_reply
+
+if TYPE_CHECKING:  # starlette comes with the serve extra; `trt-sd --help` runs without it
+    from starlette.requests import Request
 
 MAX_N = 10  # OpenAI's own bound for n
 _IGNORED = {  # OpenAI fields that do not change a PNG from these engines -> accepted values
