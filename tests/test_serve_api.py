@@ -204,3 +204,17 @@ def test_front_options_and_model_routing() -> None:
         ("engines-v", 3), ("engines-v", 4), ("engines", 3), ("engines", 8),
     ]  # fmt: skip
     assert calls[0]["sampler"] == "Euler" and calls[0]["guidance"] == 7.0  # WebUI defaults
+
+
+def test_generate_limits_are_checked_at_the_ingress() -> None:
+    from trt_sd.runtime.serve.front import Front, FrontConfig
+
+    models = tuple(load_catalog([str(tiny_engines())]))
+    front = Front(FrontConfig(models, None, Limits(max_steps=10, max_prompt_chars=5)), None, None)  # type: ignore[arg-type]
+    assert front.check_generate(b'{"steps": 10, "prompt": "short"}', None) is None
+    assert front.check_generate(b"not json", None) is None  # the replica's message
+    reply = front.check_generate(b'{"steps": 11}', None)
+    assert reply is not None and reply.status == 400
+    assert reply.json["error"] == "steps 11 is over this server's limit of 10"
+    reply = front.check_generate(b'{"prompt": "too long"}', None)
+    assert reply is not None and "at most 5 allowed" in reply.json["error"]

@@ -132,8 +132,10 @@ class Ingress:
             names = ", ".join(self.handles)
             reply = error_reply(404, f"no model {name!r}; models: {names}")
         elif path == "/generate":
+            body = await request.body()
+            limited = self.front.check_generate(body, name) if self.front is not None else None
             handle = self.handles.get(name or "")
-            reply = await self._call("generate", await request.body(), handle=handle)
+            reply = limited or await self._call("generate", body, handle=handle)
         else:
             reply = await self._call("health", handle=self.handles.get(name or ""))
         return reply

@@ -153,6 +153,33 @@ class Front:
             return await self.metrics_reply()
         return None
 
+    def check_generate(self, body: bytes, model: str | None) -> Reply | None:
+        """The per-request limits for ``POST /generate`` (400 naming the one exceeded), or
+        None; a body that is not a JSON object is left to the replica's own message."""
+        entry = self.model(model) or self.models[0]
+        try:
+            data = json.loads(body or b"{}")
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(data, dict):
+            return None
+
+        def integer(key: str, default: int) -> int:
+            value = data.get(key)
+            return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+        try:
+            self.limits.check(
+                1,
+                integer("steps", 0) or None,
+                integer("width", entry.default_width),
+                integer("height", entry.default_height),
+                [data.get("prompt"), data.get("negative_prompt")],
+            )
+        except InputError as e:
+            return error_reply(400, str(e))
+        return None
+
     def model(self, name: str | None) -> ModelEntry | None:
         return find_model(self.models, name)
 
