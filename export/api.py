@@ -18,7 +18,6 @@ from trt_sd.models import (
     Manifest,
     Range,
     ShapeRange,
-    all_components,
     default_engine_dir,
 )
 from trt_sd.models.descriptors import UNET, VAE_DECODER, VAE_ENCODER
@@ -42,21 +41,21 @@ def tool_versions() -> dict[str, str]:
     return out
 
 
-def component_precisions(opts: ExportOptions) -> dict[str, str]:
+def component_precisions(
+    opts: ExportOptions, names: tuple[str, ...] = COMPONENT_NAMES
+) -> dict[str, str]:
     """fp16 exports keep the VAE in fp32 unless asked: SD 1.x / 2.x VAEs overflow in fp16
-    (diffusers upcasts them too, ``force_upcast``). INT8 exports quantize the UNet only; the
-    text encoder stays fp32 and the VAE fp32 (fp16 with ``vae_fp16``)."""
+    (diffusers upcasts them too, ``force_upcast``), SDXL's more so. INT8 exports quantize the
+    UNet only; the text encoders stay fp32 and the VAE fp32 (fp16 with ``vae_fp16``).
+    ``names``: the family's components."""
     if opts.precision == "int8":
         vae = "fp16" if opts.vae_fp16 else "fp32"
         return {
             name: "int8" if name == UNET else vae if name in (VAE_DECODER, VAE_ENCODER) else "fp32"
-            for name in COMPONENT_NAMES
+            for name in names
         }
     vae = opts.precision if opts.vae_fp16 else "fp32"
-    return {
-        name: vae if name in (VAE_DECODER, VAE_ENCODER) else opts.precision
-        for name in COMPONENT_NAMES
-    }
+    return {name: vae if name in (VAE_DECODER, VAE_ENCODER) else opts.precision for name in names}
 
 
 def export_model(
@@ -151,15 +150,15 @@ class _Builder:
         self.unet_cut = unet_cut  # (split_unet, deepcache branch) when the UNet is cut
         self.unet_records: dict[str, Any] = {}  # unet_partition / unet_deepcache
         self.tools = tool_versions()
-        self.precisions = component_precisions(opts)
+        self.precisions = component_precisions(opts, ckpt.family_spec.component_names)
         self.previous = engine_dir.previous_manifest(out)
         self._loader: Any = None
 
     def run(self) -> None:
         started = time.perf_counter()
-        components = all_components(self.ckpt.dims)
+        components = self.ckpt.family_spec.components(self.ckpt.dims)
         entries, reused = {}, []
-        for name in COMPONENT_NAMES:
+        for name in self.ckpt.family_spec.component_names:
             if name == UNET and self.unet_cut is not None:
                 sections, self.unet_records, was_reused = build_unet_sections(self, *self.unet_cut)
                 entries.update(sections)
@@ -223,12 +222,13 @@ class _Builder:
             tqdm.write(message, file=sys.stderr)
 
     def _copy_tokenizer(self) -> None:
-        dst = self.build / "tokenizer"
-        dst.mkdir()
-        for fname in TOKENIZER_FILES:
-            src = self.ckpt.config_dir / "tokenizer" / fname
-            if src.is_file():
-                shutil.copyfile(src, dst / fname)
+        for sub in self.ckpt.tokenizer_entries():  # one folder per text encoder
+            dst = self.build / sub
+            dst.mkdir()
+            for fname in TOKENIZER_FILES:
+                src = self.ckpt.config_dir / sub / fname
+                if src.is_file():
+                    shutil.copyfile(src, dst / fname)
 
     def _manifest(
         self, entries: dict[str, dict[str, Any]], reused: list[str], seconds: float
@@ -244,7 +244,8 @@ class _Builder:
             "prediction_type": ckpt.prediction_type,
             "vae_scaling_factor": float(ckpt.vae_config.get("scaling_factor", 0.18215)),
             "dims": ckpt.dims.to_dict(),
-            "tokenizer": ckpt.tokenizer_entry(),
+            **ckpt.tokenizer_entries(),  # "tokenizer" (+ "tokenizer_2", ...)
+            "family_config": ckpt.family_config(),
             "defaults": ckpt.defaults(),
             "unet_partition": None,
             **self.unet_records,

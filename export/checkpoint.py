@@ -20,11 +20,13 @@ from typing import Any
 
 from trt_sd.models import DEFAULT_MODEL_DIR, InputError, ModelDims
 from trt_sd.models.descriptors import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
+from trt_sd.models.families import OTHER_FAMILIES, FamilySpec, detect_family, supported
 from trt_sd.models.paths import DEFAULT_MODEL_NAME
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
-#: diffusers subfolder holding each component's weights.
+#: diffusers subfolder holding each SD 1.x / 2.x component's weights (each family's are its
+#: ``sources``).
 SUBFOLDER = {TEXT_ENCODER: "text_encoder", UNET: "unet", VAE_DECODER: "vae", VAE_ENCODER: "vae"}
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on the moon"
 BUNDLED_PROMPT = "a handwritten digit seven"
@@ -71,10 +73,13 @@ def _check_safetensors(path: Path) -> None:
     """Open the header so a truncated or foreign file fails here with one line."""
     from safetensors import safe_open
 
+    from .checkpoint_keys import check_single_file_keys
+
     try:
         with safe_open(str(path), framework="numpy") as f:
             if not list(f.keys()):
                 raise InputError(f"{path} holds no tensors")
+            check_single_file_keys(path, f.keys())  # a LoRA / foreign model: one line
     except InputError:
         raise
     except Exception as e:  # safetensors raises its own error types for every corruption
@@ -95,6 +100,11 @@ class Checkpoint:
     text_config: dict[str, Any]
     scheduler_config: dict[str, Any]
     tokenizer_config: dict[str, Any]
+    family_spec: FamilySpec
+    index: dict[str, Any] = field(default_factory=dict)  # model_index.json
+    #: every text encoder's config and every tokenizer's settings, by subfolder
+    text_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tokenizer_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
     allow_pickle: bool = False
     _hashes: dict[str, str] = field(default_factory=dict, repr=False)
 
@@ -105,14 +115,30 @@ class Checkpoint:
 
     @property
     def dims(self) -> ModelDims:
+        """Sizes from the configs: the family's text encoders in order (the second one's
+        hidden and projection sizes where there is one), the UNet's text-time conditioning."""
+        encoders = [
+            self.text_configs[self.family_spec.sources[e.component][0]]
+            for e in self.family_spec.text_encoders
+        ]
+        second = encoders[1] if len(encoders) > 1 else {}
+        pooled = int(second.get("projection_dim", 0)) if second else 0
+        u = self.unet_config
+        time_ids = 0
+        if u.get("addition_embed_type") == "text_time":
+            total = int(u["projection_class_embeddings_input_dim"])
+            time_ids = (total - pooled) // int(u["addition_time_embed_dim"])
         return ModelDims(
             text_max_length=int(self.text_config.get("max_position_embeddings", 77)),
             text_hidden_size=int(self.text_config["hidden_size"]),
-            unet_in_channels=int(self.unet_config.get("in_channels", 4)),
-            unet_out_channels=int(self.unet_config.get("out_channels", 4)),
+            unet_in_channels=int(u.get("in_channels", 4)),
+            unet_out_channels=int(u.get("out_channels", 4)),
             latent_channels=int(self.vae_config.get("latent_channels", 4)),
             image_channels=int(self.vae_config.get("in_channels", 3)),
             vae_scale_factor=self.vae_scale_factor,
+            text_hidden_size_2=int(second.get("hidden_size", 0)),
+            text_pooled_size=pooled,
+            time_ids_size=time_ids,
         )
 
     @property
@@ -121,15 +147,13 @@ class Checkpoint:
 
     @property
     def family(self) -> str:
-        """``sd2`` for OpenCLIP-conditioned or v-prediction models, ``sd1`` otherwise."""
-        u, t = self.unet_config, self.text_config
-        sd2 = (
-            int(u.get("cross_attention_dim", 768)) == 1024
-            or bool(u.get("use_linear_projection", False))
-            or t.get("hidden_act") == "gelu"
-            or self.prediction_type == "v_prediction"
-        )
-        return "sd2" if sd2 else "sd1"
+        """The family's name (``sd1``, ``sd2``, ``sdxl``; see :mod:`trt_sd.models.families`)."""
+        return self.family_spec.name
+
+    def family_config(self) -> dict[str, Any]:
+        """The family's pipeline settings from ``model_index.json`` (manifest
+        ``family_config``)."""
+        return {k: self.index.get(k, v) for k, v in self.family_spec.settings.items()}
 
     @property
     def native_size(self) -> int:
@@ -145,12 +169,19 @@ class Checkpoint:
             "prompt": BUNDLED_PROMPT if self.bundled else DEFAULT_PROMPT,
         }
 
-    def tokenizer_entry(self) -> dict[str, Any]:
-        """The manifest's ``tokenizer`` object (file names relative to the engine directory)."""
-        cfg = self.tokenizer_config
+    def tokenizer_entries(self) -> dict[str, dict[str, Any]]:
+        """Manifest key -> tokenizer settings, one per text encoder of the family
+        (``tokenizer``, and ``tokenizer_2`` for SDXL); the key is also the folder name."""
         return {
-            "vocab": "tokenizer/vocab.json",
-            "merges": "tokenizer/merges.txt",
+            e.tokenizer: self.tokenizer_entry(e.tokenizer) for e in self.family_spec.text_encoders
+        }
+
+    def tokenizer_entry(self, sub: str = "tokenizer") -> dict[str, Any]:
+        """A manifest ``tokenizer`` object (file names relative to the engine directory)."""
+        cfg = self.tokenizer_configs.get(sub, self.tokenizer_config)
+        return {
+            "vocab": f"{sub}/vocab.json",
+            "merges": f"{sub}/merges.txt",
             # some tokenizer configs say 1e30 ("no limit"); the text encoder's positions cap it
             "max_length": min(int(cfg.get("model_max_length") or 10**9), self.dims.text_max_length),
             "bos": _token(cfg.get("bos_token")) or "<|startoftext|>",
@@ -163,7 +194,7 @@ class Checkpoint:
     # ---- hashing ------------------------------------------------------------------------------
     def weights_hash(self, component: str) -> str:
         """Content hash of what one component is built from (weights + its config)."""
-        sub = SUBFOLDER[component]
+        sub = self.family_spec.sources[component][0]
         if sub not in self._hashes:
             if self.kind == "folder":
                 self._hashes[sub] = hash_tree(self.path / sub)
@@ -183,7 +214,7 @@ class Checkpoint:
         if self.kind == "single_file":
             return self._file_hash()
         h = hashlib.sha256()
-        for comp in (TEXT_ENCODER, UNET, VAE_DECODER):
+        for comp in self.family_spec.required:
             h.update(self.weights_hash(comp).encode())
         return h.hexdigest()
 
@@ -205,12 +236,12 @@ def _refuse_pickle(path: Path, allow_pickle: bool) -> None:
         )
 
 
-def _check_component_weights(folder: Path, allow_pickle: bool) -> None:
+def _check_component_weights(folder: Path, family: FamilySpec, allow_pickle: bool) -> None:
     """Each component subfolder needs .safetensors weights (or pickle ones, when allowed)."""
-    for sub in ("text_encoder", "unet", "vae"):
+    for sub in dict.fromkeys(sub for sub, _ in family.sources.values()):
         d = folder / sub
         if not d.is_dir():
-            raise InputError(f"{folder} is not a Stable Diffusion folder: {sub}/ is missing")
+            raise InputError(f"{folder} is not a {family.label} folder: {sub}/ is missing")
         names = [p.name for p in d.iterdir()]
         if any(n.endswith(".safetensors") for n in names):
             continue
@@ -221,34 +252,75 @@ def _check_component_weights(folder: Path, allow_pickle: bool) -> None:
         raise InputError(f"{d} has no weights (.safetensors) to export")
 
 
-def _check_pipeline_kind(folder: Path) -> None:
-    index = _read_json(folder / "model_index.json", "diffusers folder")
-    if "text_encoder_2" in index or "unet" not in index:
-        cls = index.get("_class_name", "unknown pipeline")
-        raise InputError(
-            f"{folder} holds a {cls}; trt-sd exports Stable Diffusion 1.x / 2.x pipelines "
-            "(one CLIP text encoder, UNet2DConditionModel, AutoencoderKL)"
-        )
+def _refuse_family(folder: Path, index: dict[str, Any]) -> InputError:
+    cls = str(index.get("_class_name", "unknown pipeline"))
+    family = OTHER_FAMILIES.get(cls)
+    what = f"a {cls} ({family})" if family else f"a {cls}"
+    return InputError(f"{folder} holds {what}; trt-sd exports {supported()} pipelines")
 
 
-def _read_configs(config_dir: Path) -> dict[str, dict[str, Any]]:
-    tok_dir = config_dir / "tokenizer"
+def _read_configs(config_dir: Path) -> dict[str, Any]:
+    """Every config the manifest needs, after telling the family from them (one line naming
+    the pipeline and what we support when it is not one of ours)."""
+    index = _read_json(config_dir / "model_index.json", "diffusers folder")
+    present = [k for k, v in index.items() if not k.startswith("_") and _names_a_part(v)]
+    if index.get("_class_name") in OTHER_FAMILIES or not {"unet", "vae"} <= set(present):
+        raise _refuse_family(config_dir, index)
+    first = next((k for k in ("text_encoder", "text_encoder_2") if k in present), None)
+    if first is None:
+        raise _refuse_family(config_dir, index)
+    configs = {
+        "index": {k: index[k] for k in present} | {"_class_name": index.get("_class_name")},
+        "unet": _read_config(config_dir, "unet", "config.json", "UNet config"),
+        "text_encoder": _read_config(config_dir, first, "config.json", "text config"),
+        "scheduler": _read_config(
+            config_dir, "scheduler", "scheduler_config.json", "scheduler config"
+        ),
+    }
+    family = detect_family(configs)
+    if family is None:
+        raise _refuse_family(config_dir, index)
+    text_configs, tokenizer_configs = {}, {}
+    for enc in family.text_encoders:
+        sub = family.sources[enc.component][0]
+        text_configs[sub] = _read_config(config_dir, sub, "config.json", f"{sub} config")
+        tokenizer_configs[enc.tokenizer] = _tokenizer_settings(config_dir, enc.tokenizer)
+    return {
+        "unet_config": configs["unet"],
+        "vae_config": _read_config(config_dir, "vae", "config.json", "VAE config"),
+        "text_config": configs["text_encoder"],
+        "scheduler_config": configs["scheduler"],
+        "tokenizer_config": tokenizer_configs[family.text_encoders[0].tokenizer],
+        "family_spec": family,
+        "index": index,
+        "text_configs": text_configs,
+        "tokenizer_configs": tokenizer_configs,
+    }
+
+
+def _names_a_part(value: Any) -> bool:
+    """``model_index.json`` lists a part as ``[library, class]``; ``[null, null]`` is none."""
+    if isinstance(value, list | tuple):
+        return not value or any(v is not None for v in value)
+    return value is not None and not isinstance(value, bool | int | float)
+
+
+def _read_config(config_dir: Path, sub: str, fname: str, what: str) -> dict[str, Any]:
+    if not (config_dir / sub).is_dir():
+        raise InputError(f"{config_dir} is not a Stable Diffusion folder: {sub}/ is missing")
+    return _read_json(config_dir / sub / fname, what)
+
+
+def _tokenizer_settings(config_dir: Path, sub: str) -> dict[str, Any]:
+    tok_dir = config_dir / sub
     for fname in ("vocab.json", "merges.txt"):
         if not (tok_dir / fname).is_file():
-            raise InputError(f"{config_dir} has no CLIP tokenizer: tokenizer/{fname} is missing")
-    tok_cfg = {}
+            raise InputError(f"{config_dir} has no CLIP tokenizer: {sub}/{fname} is missing")
+    tok_cfg: dict[str, Any] = {}
     for fname in ("special_tokens_map.json", "tokenizer_config.json"):  # later file wins
         if (tok_dir / fname).is_file():
             tok_cfg.update(_read_json(tok_dir / fname, "tokenizer"))
-    return {
-        "unet_config": _read_json(config_dir / "unet" / "config.json", "UNet config"),
-        "vae_config": _read_json(config_dir / "vae" / "config.json", "VAE config"),
-        "text_config": _read_json(config_dir / "text_encoder" / "config.json", "text config"),
-        "scheduler_config": _read_json(
-            config_dir / "scheduler" / "scheduler_config.json", "scheduler config"
-        ),
-        "tokenizer_config": tok_cfg,
-    }
+    return tok_cfg
 
 
 def locate(
@@ -283,8 +355,6 @@ def locate(
                 f"{path} is not a diffusers folder (no model_index.json); pass a diffusers "
                 "Stable Diffusion folder or a single .safetensors checkpoint"
             )
-        _check_pipeline_kind(path)
-        _check_component_weights(path, allow_pickle)
         config_dir, kind = path, "folder"
     else:
         _refuse_pickle(path, allow_pickle)
@@ -304,7 +374,9 @@ def locate(
         config_dir, kind = Path(config).expanduser(), "single_file"
         if not (config_dir / "model_index.json").is_file():
             raise InputError(f"config {str(config_dir)!r} is not a diffusers folder")
-        _check_pipeline_kind(config_dir)
+    configs = _read_configs(config_dir)
+    if kind == "folder":
+        _check_component_weights(path, configs["family_spec"], allow_pickle)
     name = DEFAULT_MODEL_NAME if bundled else (path.name if path.is_dir() else path.stem)
     return Checkpoint(
         kind=kind,
@@ -313,5 +385,5 @@ def locate(
         name=name,
         bundled=bundled,
         allow_pickle=allow_pickle,
-        **_read_configs(config_dir),
+        **configs,
     )

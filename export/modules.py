@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from trt_sd.models import InputError
-from trt_sd.models.descriptors import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
+from trt_sd.models.descriptors import CONTEXT, SAMPLE, TIMESTEP, Component
 
 from .checkpoint import Checkpoint
 
@@ -22,28 +22,45 @@ LOGVAR_RANGE = (-30.0, 20.0)
 
 
 class TextEncoderWrapper(nn.Module):
-    """int32 token ids -> CLIP last hidden state (what SD 1.x / 2.x condition the UNet on)."""
+    """int32 token ids -> a CLIP hidden state (``hidden_layer``: -1 last, as SD 1.x / 2.x
+    condition on; -2 penultimate, as SDXL does), plus the projected pooled embedding when
+    ``pooled`` (``CLIPTextModelWithProjection``)."""
 
-    def __init__(self, text_encoder: nn.Module) -> None:
+    def __init__(self, text_encoder: nn.Module, hidden_layer: int = -1, pooled: bool = False):
         super().__init__()
         self.text_encoder = text_encoder
+        self.hidden_layer = hidden_layer
+        self.pooled = pooled
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        out = self.text_encoder(input_ids.to(torch.int64), return_dict=False)
-        return out[0]
+    def forward(self, input_ids: torch.Tensor) -> Any:
+        ids = input_ids.to(torch.int64)
+        if self.hidden_layer == -1 and not self.pooled:
+            return self.text_encoder(ids, return_dict=False)[0]
+        out = self.text_encoder(ids, output_hidden_states=True, return_dict=True)
+        hidden = out.hidden_states[self.hidden_layer]
+        return (hidden, out.text_embeds) if self.pooled else hidden
 
 
 class UNetWrapper(nn.Module):
-    """One float32 timestep per batch row; returns the raw model output."""
+    """One float32 timestep per batch row; returns the raw model output. ``added``: names of
+    the extra inputs after the context, handed to diffusers as ``added_cond_kwargs``."""
 
-    def __init__(self, unet: nn.Module) -> None:
+    def __init__(self, unet: nn.Module, added: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.unet = unet
+        self.added = added
 
     def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        *added: torch.Tensor,
     ) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+        kwargs = dict(zip(self.added, added, strict=True)) or None
+        return self.unet(
+            sample, timestep, encoder_hidden_states, added_cond_kwargs=kwargs, return_dict=False
+        )[0]
 
 
 class VaeDecoderWrapper(nn.Module):
@@ -95,17 +112,16 @@ class ModuleLoader:
 
     def _single_file_pipe(self) -> Any:
         if self._pipe is None:
-            from diffusers import StableDiffusionPipeline
+            import diffusers
 
             ckpt = self.checkpoint
+            cls = getattr(diffusers, ckpt.family_spec.diffusers_pipeline)
             try:
-                self._pipe = StableDiffusionPipeline.from_single_file(
+                self._pipe = cls.from_single_file(
                     str(ckpt.path),
                     config=str(ckpt.config_dir),
                     local_files_only=True,
-                    safety_checker=None,
-                    feature_extractor=None,
-                    requires_safety_checker=False,
+                    **_SINGLE_FILE_KWARGS.get(cls.__name__, {}),
                 )
             except (OSError, ValueError, KeyError, RuntimeError) as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -115,9 +131,10 @@ class ModuleLoader:
                 ) from None
         return self._pipe
 
-    def _submodel(self, sub: str) -> nn.Module:
-        """Load one submodel. Not cached, so each can be freed right after its export (the
-        VAE is read twice, for decoder and encoder: ~1 s for SD's 335 MB)."""
+    def _submodel(self, sub: str, kind: str) -> nn.Module:
+        """Load one submodel (``kind``: how the family's ``sources`` say to load it). Not
+        cached, so each can be freed right after its export (the VAE is read twice, for
+        decoder and encoder: ~1 s for SD's 335 MB)."""
         ckpt = self.checkpoint
         if ckpt.kind == "single_file":
             return getattr(self._single_file_pipe(), sub)
@@ -125,34 +142,64 @@ class ModuleLoader:
         use_st = None if ckpt.allow_pickle else True
         folder = str(ckpt.path / sub)
         try:
-            if sub == "text_encoder":
-                from transformers import CLIPTextModel
-
-                return CLIPTextModel.from_pretrained(folder, use_safetensors=use_st)
-            if sub == "unet":
-                from diffusers import UNet2DConditionModel
-
-                return UNet2DConditionModel.from_pretrained(folder, use_safetensors=use_st)
-            from diffusers import AutoencoderKL
-
-            return AutoencoderKL.from_pretrained(folder, use_safetensors=use_st)
+            return _model_class(kind).from_pretrained(folder, use_safetensors=use_st)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise InputError(f"{folder} could not be loaded: {first}") from None
 
     def wrapper(self, component: str) -> nn.Module:
         """The descriptor-shaped fp32 module of one component, in eval mode."""
-        if component == TEXT_ENCODER:
-            mod: nn.Module = TextEncoderWrapper(self._submodel("text_encoder"))
-        elif component == UNET:
-            mod = UNetWrapper(self._submodel("unet"))
-        elif component == VAE_DECODER:
-            mod = VaeDecoderWrapper(self._submodel("vae"))
-        elif component == VAE_ENCODER:
-            mod = VaeEncoderWrapper(self._submodel("vae"))
+        family = self.checkpoint.family_spec
+        sub, kind = family.sources[component]
+        spec: Component = family.components(self.checkpoint.dims)[component]
+        model = self._submodel(sub, kind)
+        mod: nn.Module
+        if kind in ("clip_text", "clip_text_projection"):
+            extra = spec.extra
+            mod = TextEncoderWrapper(
+                model, int(extra.get("hidden_layer", -1)), bool(extra.get("pooled_output"))
+            )
+        elif kind == "unet":
+            added = tuple(n for n in spec.input_names if n not in (SAMPLE, TIMESTEP, CONTEXT))
+            mod = UNetWrapper(model, added)
+        elif kind == "vae_decoder":
+            mod = VaeDecoderWrapper(model)
+        elif kind == "vae_encoder":
+            mod = VaeEncoderWrapper(model)
         else:
-            raise KeyError(component)
+            raise KeyError(kind)
         return mod.float().eval().requires_grad_(False)
+
+
+#: Extra arguments of ``from_single_file`` per pipeline class (no safety checker to load).
+_SINGLE_FILE_KWARGS: dict[str, dict[str, Any]] = {
+    "StableDiffusionPipeline": {
+        "safety_checker": None,
+        "feature_extractor": None,
+        "requires_safety_checker": False,
+    },
+}
+
+
+def _model_class(kind: str) -> Any:
+    """The transformers / diffusers class of a module kind (imported on use)."""
+    if kind == "clip_text":
+        from transformers import CLIPTextModel
+
+        return CLIPTextModel
+    if kind == "clip_text_projection":
+        from transformers import CLIPTextModelWithProjection
+
+        return CLIPTextModelWithProjection
+    if kind == "unet":
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel
+    if kind in ("vae_decoder", "vae_encoder"):
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL
+    raise KeyError(kind)
 
 
 def _quiet_loaders() -> None:

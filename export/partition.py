@@ -91,7 +91,7 @@ def _random_unet_inputs(
 
 def plan_sections(builder: Any, split_unet: int | None, deepcache: int | None) -> SectionPlan:
     """The sections of this export (loads the torch UNet only to count FLOPs of a new split)."""
-    layout = UNetLayout.from_unet_config(builder.ckpt.unet_config, builder.ckpt.dims)
+    layout = _layout(builder.ckpt)
     if deepcache is not None:
         dc = DeepCachePlan(layout, deepcache)
         sections = [(dc.full(), list(range(len(layout)))), (dc.shallow(), dc.shallow_layers)]
@@ -109,7 +109,7 @@ def plan_sections(builder: Any, split_unet: int | None, deepcache: int | None) -
     previous = builder.previous.raw.get(PARTITION_KEY) if builder.previous else None
     unet = None
     if previous and previous.get("plan_key") == plan_key:
-        partition = UNetPartition.from_dict(previous, builder.ckpt.dims)
+        partition = UNetPartition.from_dict(previous, builder.ckpt.dims, layout.base)
         record = dict(previous)
     else:
         from .unet_sections import layer_costs, torch_feeds
@@ -327,13 +327,26 @@ def _entry(
     return entry
 
 
+def _layout(ckpt: Any) -> UNetLayout:
+    """The layer list of the checkpoint's UNet, its inputs those of the family's UNet."""
+    base = ckpt.family_spec.components(ckpt.dims)[UNET]
+    return UNetLayout.from_unet_config(ckpt.unet_config, ckpt.dims, base)
+
+
 def resolve_unet_cut(
     split_unet: Any, deepcache: Any, precision: str, ckpt: Any
 ) -> tuple[int | None, int | None] | None:
     """Validated ``(split_unet, deepcache_branch)``, or None when the UNet stays whole."""
     if split_unet is None and deepcache is None:
         return None
-    layout = UNetLayout.from_unet_config(ckpt.unet_config, ckpt.dims)
+    family = ckpt.family_spec
+    for feature, flag, value in (
+        ("split_unet", "--split-unet", split_unet),
+        ("deepcache", "--deepcache", deepcache),
+    ):
+        if value is not None and feature not in family.features:
+            raise InputError(f"{flag} is not available for {family.label} models yet")
+    layout = _layout(ckpt)
     check_unet_cut(split_unet, deepcache, precision, layout)
     return split_unet, deepcache
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from trt_sd.models.descriptors import CONTEXT
 from trt_sd.models.unet_stages import TIME_EMBEDDING, Layer, UNetLayout
 
 
@@ -58,6 +59,12 @@ def run_layer(unet: Any, layout: UNetLayout, i: int, env: dict[str, torch.Tensor
         if unet.config.center_input_sample:
             sample = 2 * sample - 1.0
         emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
+        if layout.added:  # the family's added conditioning, by diffusers' added_cond_kwargs keys
+            added = {n: env[n] for n in layout.added}
+            aug = unet.get_aug_embed(
+                emb=emb, encoder_hidden_states=env.get(CONTEXT), added_cond_kwargs=added
+            )
+            emb = emb if aug is None else emb + aug
         if unet.time_embed_act is not None:
             emb = unet.time_embed_act(emb)
         hidden = unet.conv_in(sample)
@@ -65,7 +72,7 @@ def run_layer(unet: Any, layout: UNetLayout, i: int, env: dict[str, torch.Tensor
         return
     hidden = env[reads[0]]
     emb = env.get(TIME_EMBEDDING)
-    context = env[layout.base.input_names[2]] if layer.cross_attention else None
+    context = env[CONTEXT] if layer.cross_attention else None
     if layer.kind == "down":
         hidden = unet.down_blocks[layer.block].resnets[layer.index](hidden, emb)
     elif layer.kind in ("down_attn", "up_attn"):

@@ -79,8 +79,9 @@ def random_inputs(
     return feeds
 
 
-def torch_reference(module: nn.Module, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    """The fp32 module's output (fp16 feeds are promoted: fp32 is the reference).
+def torch_reference(module: nn.Module, feeds: dict[str, np.ndarray]) -> Any:
+    """The fp32 module's output (fp16 feeds are promoted: fp32 is the reference): one array,
+    or a tuple of arrays in the descriptor's output order for multi-output components.
 
     Computed before the export so the torch module can be freed before ONNX Runtime loads the
     graph: holding both doubles the peak memory of a UNet export."""
@@ -89,17 +90,21 @@ def torch_reference(module: nn.Module, feeds: dict[str, np.ndarray]) -> np.ndarr
         t = torch.from_numpy(np.ascontiguousarray(v))
         args.append(t.float() if t.is_floating_point() else t)
     with torch.no_grad():
-        return module(*args).float().numpy()
+        out = module(*args)
+    if isinstance(out, tuple | list):
+        return tuple(o.float().numpy() for o in out)
+    return out.float().numpy()
 
 
 def verify(
     name: str,
     onnx_path: str,
-    cases: list[tuple[dict[str, np.ndarray], np.ndarray]],
+    cases: list[tuple[dict[str, np.ndarray], Any]],
     precision: str,
 ) -> dict[str, Any]:
     """Run ONNX Runtime on each ``(feeds, torch_reference)`` case; raise if an output is
-    non-finite or off.
+    non-finite or off. Every output is checked (a reference tuple has one array per graph
+    output, in order); the record holds the worst error over all of them.
 
     Returns the manifest's ``verification`` record.
     """
@@ -118,28 +123,20 @@ def verify(
     for feeds, reference in cases:
         shapes.append({k: list(v.shape) for k, v in feeds.items()})
         try:
-            (output,) = session.run(None, feeds)
+            outputs = session.run(None, feeds)
         except Exception as e:
             first = str(e).strip().splitlines()[0]
             raise VerificationError(
                 f"{name}: ONNX Runtime failed on inputs {shapes[-1]}: {first}"
             ) from e
-        if output.shape != reference.shape:
+        references = reference if isinstance(reference, tuple | list) else (reference,)
+        if len(outputs) != len(references):
             raise VerificationError(
-                f"{name}: ONNX output shape {list(output.shape)} differs from torch's "
-                f"{list(reference.shape)} for inputs {shapes[-1]}"
+                f"{name}: the graph has {len(outputs)} outputs, torch {len(references)}"
             )
-        if not np.isfinite(reference).all():
-            raise NumericalError(f"{name}: the torch model itself produced NaN or inf")
-        if not np.isfinite(output).all():
-            raise NumericalError(
-                f"{name}: the exported {precision} graph produced NaN or inf "
-                f"(inputs {shapes[-1]}); export this component in fp32"
-            )
-        err = np.abs(output.astype(np.float64) - reference.astype(np.float64))
-        max_abs = float(err.max())
-        max_rel = max_abs / max(float(np.abs(reference).max()), 1e-12)
-        worst_abs, worst_rel = max(worst_abs, max_abs), max(worst_rel, max_rel)
+        for output, ref in zip(outputs, references, strict=True):
+            max_abs, max_rel = _compare(name, precision, output, ref, shapes[-1])
+            worst_abs, worst_rel = max(worst_abs, max_abs), max(worst_rel, max_rel)
     record = {
         "max_abs_error": worst_abs,
         "max_rel_error": worst_rel,
@@ -156,3 +153,25 @@ def verify(
             f"(max|diff| / max|torch|), above the tolerance {tolerance:g}"
         )
     return record
+
+
+def _compare(
+    name: str, precision: str, output: np.ndarray, reference: np.ndarray, shapes: dict
+) -> tuple[float, float]:
+    """(max abs error, max abs error / max |reference|) of one output; raises on a shape
+    mismatch or non-finite values."""
+    if output.shape != reference.shape:
+        raise VerificationError(
+            f"{name}: ONNX output shape {list(output.shape)} differs from torch's "
+            f"{list(reference.shape)} for inputs {shapes}"
+        )
+    if not np.isfinite(reference).all():
+        raise NumericalError(f"{name}: the torch model itself produced NaN or inf")
+    if not np.isfinite(output).all():
+        raise NumericalError(
+            f"{name}: the exported {precision} graph produced NaN or inf "
+            f"(inputs {shapes}); export this component in fp32"
+        )
+    err = np.abs(output.astype(np.float64) - reference.astype(np.float64))
+    max_abs = float(err.max())
+    return max_abs, max_abs / max(float(np.abs(reference).max()), 1e-12)

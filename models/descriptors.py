@@ -251,57 +251,94 @@ class ModelDims:
     latent_channels: int = 4
     image_channels: int = 3
     vae_scale_factor: int = 8
+    # SDXL-style families (0 = the family has none): the second text encoder's hidden size,
+    # its pooled (projected) embedding size and the number of micro-conditioning values.
+    text_hidden_size_2: int = 0
+    text_pooled_size: int = 0
+    time_ids_size: int = 0
+
+    @property
+    def context_size(self) -> int:
+        """Width of the UNet's cross-attention context: the text encoders' hidden states
+        concatenated on the feature axis."""
+        return self.text_hidden_size + self.text_hidden_size_2
 
     def to_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
+        # fields a family does not use stay out, so SD 1.x / 2.x manifests are unchanged
+        return {k: v for k, v in self.__dict__.items() if v or k not in _OPTIONAL_DIMS}
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelDims:
         return cls(**{k: int(v) for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
+_OPTIONAL_DIMS = ("text_hidden_size_2", "text_pooled_size", "time_ids_size")
+
 # Component names: also the engine file stems and the keys of manifest["components"].
 TEXT_ENCODER = "text_encoder"
 UNET = "unet"
 VAE_DECODER = "vae_decoder"
 VAE_ENCODER = "vae_encoder"
+#: The components of the SD 1.x / 2.x families (:mod:`trt_sd.models.families` lists each
+#: family's own; this tuple is what families without extra components share).
 COMPONENT_NAMES = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)
 
+# The UNet inputs every family has; any other UNet input is conditioning that the family's
+# text step (or its micro-conditioning) produces per row, named after diffusers'
+# ``added_cond_kwargs`` keys so the export wrapper can hand them over by name.
+SAMPLE = "sample"
+TIMESTEP = "timestep"
+CONTEXT = "encoder_hidden_states"
+#: The text encoder's hidden-state output (what SD 1.x / 2.x condition on).
+TEXT_EMBEDDINGS = "text_embeddings"
 
-def text_encoder(d: ModelDims) -> Component:
-    """CLIP text encoder: token ids -> last hidden state (what SD 1.x / 2.x condition on).
+
+def text_encoder(
+    d: ModelDims,
+    name: str = TEXT_ENCODER,
+    hidden_size: int | None = None,
+    hidden_layer: int = -1,
+    pooled_output: str | None = None,
+) -> Component:
+    """CLIP text encoder: token ids -> a hidden state (SD 1.x / 2.x: the last one).
 
     Prompt and negative prompt are encoded in one call, hence ``unet_batch`` rows.
+    ``hidden_layer`` (-2 = penultimate, as SDXL conditions on) and ``pooled_output`` (the
+    projected pooled embedding's name, for ``CLIPTextModelWithProjection``) are read by the
+    export wrapper from ``extra``, so the graph returns exactly these outputs.
     """
+    width = d.text_hidden_size if hidden_size is None else hidden_size
+    outputs = [TensorSpec(TEXT_EMBEDDINGS, "float", ("unet_batch", d.text_max_length, width))]
+    if pooled_output is not None:
+        outputs.append(TensorSpec(pooled_output, "float", ("unet_batch", d.text_pooled_size)))
+    last = hidden_layer == -1
     return Component(
-        TEXT_ENCODER,
+        name,
         inputs=(TensorSpec("input_ids", "int32", ("unet_batch", d.text_max_length)),),
-        outputs=(
-            TensorSpec(
-                "text_embeddings", "float", ("unet_batch", d.text_max_length, d.text_hidden_size)
-            ),
+        outputs=tuple(outputs),
+        description=(
+            f"CLIP text encoder ({'last' if last else 'penultimate'} hidden state"
+            f"{', projected pooled embedding' if pooled_output else ''})"
         ),
-        description="CLIP text encoder (last hidden state)",
+        extra={"hidden_layer": hidden_layer, "pooled_output": pooled_output},
     )
 
 
-def unet(d: ModelDims) -> Component:
+def unet(d: ModelDims, added: tuple[TensorSpec, ...] = ()) -> Component:
     """Denoising UNet: one timestep per batch row, so requests at different steps can share a
-    call (continuous batching) and CFG halves run together."""
+    call (continuous batching) and CFG halves run together. ``added``: the family's extra
+    per-row conditioning inputs (SDXL: pooled text embedding and micro-conditioning)."""
     return Component(
         UNET,
         inputs=(
             TensorSpec(
-                "sample",
+                SAMPLE,
                 "float",
                 ("unet_batch", d.unet_in_channels, "latent_height", "latent_width"),
             ),
-            TensorSpec("timestep", "float32", ("unet_batch",)),
-            TensorSpec(
-                "encoder_hidden_states",
-                "float",
-                ("unet_batch", d.text_max_length, d.text_hidden_size),
-            ),
+            TensorSpec(TIMESTEP, "float32", ("unet_batch",)),
+            TensorSpec(CONTEXT, "float", ("unet_batch", d.text_max_length, d.context_size)),
+            *added,
         ),
         outputs=(
             TensorSpec(

@@ -16,16 +16,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .descriptors import COMPONENT_NAMES, ModelDims, ShapeRange
-from .errors import ManifestError
+from . import integrity, manifest_schema
+from .descriptors import ModelDims, ShapeRange
+from .errors import InputError, ManifestError
+from .families import FamilySpec, family_of
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 PRECISIONS = ("fp32", "fp16", "int8")
 BACKENDS = ("onnxruntime", "tensorrt")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-#: Components every engine directory must have; the VAE encoder (img2img) is optional.
+#: Components every SD 1.x / 2.x engine directory must have (the VAE encoder, for img2img, is
+#: optional); each family lists its own (:attr:`trt_sd.models.families.FamilySpec.required`).
 REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+#: a manifest is a few kB; refusing a huge one keeps a hostile directory from exhausting memory
+MAX_MANIFEST_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -82,16 +87,18 @@ class ComponentEntry:
                 verification=dict(d.get("verification") or {}),
                 extra={k: v for k, v in d.items() if k not in known},
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, InputError) as e:  # validated: not expected
             raise ManifestError(f"manifest component {name!r} is malformed: {e}") from None
         if entry.backend not in BACKENDS:
             raise ManifestError(
-                f"manifest component {name!r} has backend {entry.backend!r}; "
+                f"manifest component {name!r} has backend "
+                f"{manifest_schema.shown(entry.backend)}; "
                 f"this runtime serves {', '.join(BACKENDS)}"
             )
         if entry.precision not in PRECISIONS:
             raise ManifestError(
-                f"manifest component {name!r} has precision {entry.precision!r}; "
+                f"manifest component {name!r} has precision "
+                f"{manifest_schema.shown(entry.precision)}; "
                 f"expected one of {', '.join(PRECISIONS)}"
             )
         return entry
@@ -118,6 +125,11 @@ class Manifest:
     def scheduler_config(self) -> dict[str, Any]:
         """The checkpoint's own ``scheduler_config.json`` (diffusers keys, verbatim)."""
         return dict(self.raw["scheduler"])
+
+    @property
+    def family(self) -> FamilySpec:
+        """The model family (``model.family``; manifests without it are SD 1.x)."""
+        return family_of(self.raw)
 
     @property
     def prediction_type(self) -> str:
@@ -158,44 +170,30 @@ class Manifest:
     # ---- (de)serialisation ------------------------------------------------------------------
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Manifest:
-        if not isinstance(raw, dict):
-            raise ManifestError("manifest.json does not hold a JSON object")
-        version = raw.get("schema_version")
-        if not isinstance(version, int):
-            raise ManifestError("manifest.json has no integer schema_version")
+        manifest_schema.validate(raw)  # every field's type and range (see that module)
+        version = raw["schema_version"]
         if version > SCHEMA_VERSION:
             raise ManifestError(
                 f"manifest.json has schema version {version}, newer than this trt-sd "
                 f"understands ({SCHEMA_VERSION}); upgrade trt-sd or re-export with this version"
             )
-        missing = [
-            k
-            for k in (
-                "model",
-                "components",
-                "scheduler",
-                "prediction_type",
-                "vae_scaling_factor",
-                "tokenizer",
-                "dims",
-            )
-            if k not in raw
-        ]
-        if missing:
-            raise ManifestError(f"manifest.json lacks required keys: {', '.join(missing)}")
         if raw["prediction_type"] not in PREDICTION_TYPES:
             raise ManifestError(
-                f"manifest prediction_type {raw['prediction_type']!r} is not one of "
+                "manifest prediction_type "
+                f"{manifest_schema.shown(raw['prediction_type'])} is not one of "
                 f"{', '.join(PREDICTION_TYPES)}"
             )
         comps_raw = raw["components"]
         if not isinstance(comps_raw, dict):
             raise ManifestError("manifest 'components' must be an object")
-        unknown = [n for n in comps_raw if n not in COMPONENT_NAMES and not n.startswith("unet")]
+        family = family_of(raw)
+        known = family.component_names
+        unknown = [n for n in comps_raw if n not in known and not n.startswith("unet")]
         if unknown:
-            raise ManifestError(f"manifest names unknown components: {', '.join(unknown)}")
+            names = ", ".join(manifest_schema.shown(n) for n in unknown[:5])
+            raise ManifestError(f"manifest names unknown components: {names}")
         components = {n: ComponentEntry.from_dict(n, c) for n, c in comps_raw.items()}
-        absent = [n for n in REQUIRED_COMPONENTS if n not in components]
+        absent = [n for n in family.required if n not in components]
         if absent and not (raw.get("unet_partition") and "unet" in absent and len(absent) == 1):
             raise ManifestError(f"manifest lacks components: {', '.join(absent)}")
         return cls(raw=raw, components=components)
@@ -214,20 +212,19 @@ class Manifest:
                 f"{str(path)!r} has no {MANIFEST_NAME}: not an engine directory written by "
                 "`trt-sd export` (or the export did not finish)"
             )
-        try:
-            raw = json.loads(mpath.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ManifestError(f"{mpath} is not readable JSON: {e}") from None
+        raw = _read_json(mpath)
         manifest = cls.from_dict(raw)
-        for entry in manifest.components.values():
-            # Graphs over 2 GB keep their weights in a side file (``external_data.file``).
-            external = (entry.extra.get("external_data") or {}).get("file")
-            for fname in (entry.file, external):
-                if fname and not (path / fname).is_file():
-                    raise ManifestError(
-                        f"engine directory {str(path)!r} is incomplete: {fname} "
-                        f"(component {entry.name}) is missing"
-                    )
+        integrity.check_tree(path)  # no symlink leads out of the directory
+        for fname in manifest_schema.named_files(raw):
+            if not integrity.inside(path, fname, "manifest file").is_file():
+                owner = next(
+                    (e.name for e in manifest.components.values() if fname in _entry_names(e)),
+                    None,
+                )
+                detail = f" (component {owner})" if owner else ""
+                raise ManifestError(
+                    f"engine directory {str(path)!r} is incomplete: {fname}{detail} is missing"
+                )
         return manifest
 
     def write(self, engine_dir: str | os.PathLike[str]) -> Path:
@@ -237,3 +234,30 @@ class Manifest:
         tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", "utf-8")
         os.replace(tmp, path)
         return path
+
+
+def _entry_names(entry: ComponentEntry) -> list[str]:
+    return manifest_schema.named_files(entry.to_dict())
+
+
+def _read_json(mpath: Path) -> Any:
+    """The parsed manifest; ManifestError (never the file's content) for anything else."""
+    try:
+        size = mpath.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise ManifestError(
+                f"{mpath} is {size} bytes; a manifest is at most {MAX_MANIFEST_BYTES} bytes"
+            )
+        text = mpath.read_bytes().decode("utf-8")
+        return json.loads(text, parse_constant=_no_constant)
+    except (OSError, UnicodeDecodeError) as e:
+        reason = getattr(e, "strerror", None) or type(e).__name__
+        raise ManifestError(f"{mpath} is not readable: {reason}") from None
+    except json.JSONDecodeError as e:  # its message holds a position, not the content
+        raise ManifestError(f"{mpath} is not readable JSON ({e.msg} at line {e.lineno})") from None
+    except (RecursionError, ValueError):
+        raise ManifestError(f"{mpath} is not readable JSON (nested too deeply, or NaN)") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")

@@ -124,10 +124,13 @@ class UNetPartition:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], dims: ModelDims) -> UNetPartition:
-        """Rebuild from the manifest and check the recorded stages against the descriptors."""
+    def from_dict(
+        cls, data: Mapping[str, Any], dims: ModelDims, base: Component | None = None
+    ) -> UNetPartition:
+        """Rebuild from the manifest and check the recorded stages against the descriptors
+        (``base``: the family's UNet descriptor)."""
         try:
-            layout = UNetLayout.from_dict(data["layout"], dims)
+            layout = UNetLayout.from_dict(data["layout"], dims, base)
             plan = cls(layout, tuple(int(c) for c in data["cuts"]))
             recorded = [(s["component"], s["inputs"], s["outputs"]) for s in data["stages"]]
         except (KeyError, TypeError, ValueError, InputError) as e:
@@ -201,9 +204,11 @@ class DeepCachePlan:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], dims: ModelDims) -> DeepCachePlan:
+    def from_dict(
+        cls, data: Mapping[str, Any], dims: ModelDims, base: Component | None = None
+    ) -> DeepCachePlan:
         try:
-            plan = cls(UNetLayout.from_dict(data["layout"], dims), int(data["branch"]))
+            plan = cls(UNetLayout.from_dict(data["layout"], dims, base), int(data["branch"]))
         except (KeyError, TypeError, ValueError, InputError) as e:
             raise ManifestError(f"manifest unet_deepcache is malformed: {e}") from None
         if data.get("feature") != plan.feature:

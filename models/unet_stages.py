@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .descriptors import Component, ModelDims, TensorSpec, unet
+from .descriptors import CONTEXT, SAMPLE, TIMESTEP, Component, ModelDims, TensorSpec, unet
 from .errors import InputError, ManifestError
 
 TIME_EMBEDDING = "time_embedding"
@@ -101,9 +101,14 @@ def _per_block(value: Any, blocks: int, what: str) -> list[int]:
 class UNetLayout:
     """The layer list of one UNet configuration and the tensors between its layers."""
 
-    def __init__(self, config: Mapping[str, Any], dims: ModelDims) -> None:
+    def __init__(
+        self, config: Mapping[str, Any], dims: ModelDims, base: Component | None = None
+    ) -> None:
         self.config = {k: config[k] for k in LAYOUT_KEYS}
-        self.base = unet(dims)  # the UNet's own inputs and output
+        self.base = base or unet(dims)  # the UNet's own inputs and output
+        #: inputs beside sample / timestep / context (a family's added conditioning): they
+        #: join the time embedding, so ``conv_in`` reads them
+        self.added = [n for n in self.base.input_names if n not in (SAMPLE, TIMESTEP, CONTEXT)]
         channels = [int(c) for c in config["block_out_channels"]]
         n = len(channels)
         down_types = list(config["down_block_types"])
@@ -177,9 +182,16 @@ class UNetLayout:
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def from_unet_config(cls, config: Mapping[str, Any], dims: ModelDims) -> UNetLayout:
-        """From a diffusers UNet ``config.json``; refuses configurations whose extra inputs
-        (class / addition embeddings, encoder projections) no stage could receive."""
+    def from_unet_config(
+        cls, config: Mapping[str, Any], dims: ModelDims, base: Component | None = None
+    ) -> UNetLayout:
+        """From a diffusers UNet ``config.json`` (``base``: the family's UNet descriptor);
+        refuses configurations whose extra inputs (class / addition embeddings, encoder
+        projections) no stage could receive. SDXL's ``text_time`` addition embedding is
+        modelled: its inputs (the base's added conditioning) join the time embedding."""
+        added = base is not None and any(
+            n not in (SAMPLE, TIMESTEP, CONTEXT) for n in base.input_names
+        )
         unsupported = [
             key
             for key in (
@@ -189,6 +201,7 @@ class UNetLayout:
                 "time_cond_proj_dim",
             )
             if config.get(key)
+            and not (key == "addition_embed_type" and added and config[key] == "text_time")
         ]
         if unsupported or config.get("time_embedding_type", "positional") != "positional":
             raise InputError(
@@ -204,15 +217,17 @@ class UNetLayout:
             "mid_block_type": config.get("mid_block_type", "UNetMidBlock2DCrossAttn"),
             "time_embed_dim": config.get("time_embedding_dim") or 4 * int(channels[0]),
         }
-        return cls(full, dims)
+        return cls(full, dims, base)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.config)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], dims: ModelDims) -> UNetLayout:
+    def from_dict(
+        cls, data: Mapping[str, Any], dims: ModelDims, base: Component | None = None
+    ) -> UNetLayout:
         try:
-            return cls(data, dims)
+            return cls(data, dims, base)
         except (KeyError, TypeError, ValueError) as e:
             raise ManifestError(f"manifest UNet layout is malformed: {e}") from None
 
@@ -230,14 +245,13 @@ class UNetLayout:
     def reads(self, i: int) -> list[str]:
         """Tensors layer ``i`` reads (in the order of the section inputs they become)."""
         layer = self.layers[i]
-        sample, timestep, context = self.base.input_names
         if layer.kind == "conv_in":
-            return [sample, timestep]
+            return [SAMPLE, TIMESTEP, *self.added]
         names = [hidden_name(self.layers[i - 1].name)]
         if layer.kind in ("down", "mid", "up"):
             names.append(TIME_EMBEDDING)
         if layer.cross_attention:
-            names.append(context)
+            names.append(CONTEXT)
         if layer.consumes_skip is not None:
             names.append(skip_name(layer.consumes_skip))
         return names

@@ -16,16 +16,17 @@ import numpy as np
 
 from trt_sd.models.descriptors import UNET
 
+from .denoise import take_rows
 from .multidevice import StagedUNet
 
 
 def run_chains(
-    pipe: Any, req: Any, x: np.ndarray, embeddings: Any, timings: dict, progress: Any
+    pipe: Any, req: Any, x: np.ndarray, conditioning: dict, timings: dict, progress: Any
 ) -> np.ndarray:
     """Denoise the images of a batch as independent chains, one thread each, so a staged
     UNet on several devices has a micro-batch for every device at every moment.
 
-    Image ``i`` keeps its seed ``seed + i`` and its rows of the text embeddings
+    Image ``i`` keeps its seed ``seed + i`` and its rows of the conditioning
     (``[uncond..., cond...]``), so the images equal those of one batched chain. The UNet time
     reported is that of the slowest chain (the chains' UNet calls overlap).
     """
@@ -35,7 +36,6 @@ def run_chains(
     # Two micro-batches per device in flight: the pipeline's fill and drain at the ends of a
     # generation cost one micro-batch's stage time, so smaller micro-batches waste less.
     micro = 1 if unet.num_devices == 1 else -(-2 * unet.num_devices // chains)
-    host = np.asarray(embeddings)
     results: list[Any] = [None] * chains
     chain_timings: list[dict[str, float]] = [{} for _ in range(chains)]
 
@@ -48,11 +48,7 @@ def run_chains(
             seed=req.seed + lo,
             batch=hi - lo,
         )
-        rows = (
-            np.concatenate([host[lo:hi], host[req.batch + lo : req.batch + hi]])
-            if req.cfg
-            else host[lo:hi]
-        )
+        rows = take_rows(conditioning, lo, hi, req.batch, req.cfg)
         try:
             with unet.micro_batching(micro):
                 results[c] = pipe._denoise(

@@ -155,7 +155,10 @@ class DeepCacheState:
 def deepcache_plan(manifest: Manifest) -> DeepCachePlan | None:
     """The DeepCache plan of an engine directory exported with ``--deepcache``, else None."""
     raw = manifest.raw.get("unet_deepcache")
-    return DeepCachePlan.from_dict(raw, manifest.dims) if raw else None
+    if not raw:
+        return None
+    base = manifest.family.components(manifest.dims)[UNET]
+    return DeepCachePlan.from_dict(raw, manifest.dims, base)
 
 
 def deepcache_components(manifest: Manifest) -> dict[str, Component]:

@@ -2,13 +2,66 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from trt_sd.models.errors import InputError
+
+#: Largest image (declared width x height) read from a file or bytes: 50 megapixels covers
+#: 8K frames and camera photos; a decompression bomb declares far more and is refused from its
+#: header, before any pixel is decoded.
+MAX_INPUT_PIXELS = 50_000_000
+
+
+@contextlib.contextmanager
+def open_image(
+    source: str | os.PathLike[str] | bytes, what: str = "image", kind: str = "image"
+) -> Iterator[Any]:
+    """A PIL image opened lazily (header only) from a path or bytes, its declared size checked
+    against :data:`MAX_INPUT_PIXELS`; every failure (missing, unreadable, a bomb, oversized
+    text chunks) is one InputError. The one way trt-sd opens an image it did not make."""
+    from PIL import Image
+
+    label = "the image data" if isinstance(source, bytes) else repr(str(source))
+    if not isinstance(source, bytes):
+        path = Path(source)
+        if not path.is_file():
+            raise InputError(
+                f"{what} {label} is not a readable {kind}: it does not exist or is not a file"
+            )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            handle = io.BytesIO(source) if isinstance(source, bytes) else source
+            with Image.open(handle) as im:
+                check_pixels(im.size, what, label)
+                yield im
+    except InputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(
+            f"{what} {label} declares far too many pixels (a decompression bomb?); at most "
+            f"{MAX_INPUT_PIXELS} pixels are accepted"
+        ) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # PIL's decoders raise these
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise InputError(f"{what} {label} is not a readable {kind}: {reason}") from None
+
+
+def check_pixels(size: tuple[int, int], what: str, label: str) -> None:
+    width, height = size
+    if width * height > MAX_INPUT_PIXELS:
+        raise InputError(
+            f"{what} {label} is {width}x{height} pixels; at most {MAX_INPUT_PIXELS} "
+            "pixels are accepted"
+        )
 
 
 def to_uint8(images: np.ndarray) -> list[np.ndarray]:
@@ -29,22 +82,21 @@ def load_image(image: Any, width: int, height: int) -> np.ndarray:
     diffusers' ``VaeImageProcessor`` resizes)."""
     from PIL import Image
 
-    if isinstance(image, str | os.PathLike):
-        path = Path(image)
-        if not path.is_file():
-            raise InputError(f"init image {str(path)!r} does not exist")
-        try:
-            with Image.open(path) as im:
+    if isinstance(image, str | os.PathLike | bytes):
+        with open_image(image, "init image") as im:
+            try:
                 pil = im.convert("RGB")
-        except OSError as e:
-            raise InputError(f"init image {str(path)!r} is not a readable image: {e}") from None
+            except (OSError, ValueError) as e:  # truncated pixel data
+                raise InputError(f"init image is not a readable image: {e}") from None
     elif isinstance(image, Image.Image):
+        check_pixels(image.size, "init image", "(PIL image)")
         pil = image.convert("RGB")
     elif isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
             raise InputError(
                 f"init image array must be HxWx3 (or HxWx4) uint8, got {image.shape} {image.dtype}"
             )
+        check_pixels((image.shape[1], image.shape[0]), "init image", "(array)")
         pil = Image.fromarray(image[:, :, :3], "RGB")
     else:
         raise InputError(
@@ -64,10 +116,8 @@ def image_size(image: Any) -> tuple[int, int] | None:
         return int(image.shape[1]), int(image.shape[0])
     if isinstance(image, Image.Image):
         return image.size
-    if isinstance(image, str | os.PathLike) and Path(image).is_file():
-        try:
-            with Image.open(image) as im:
-                return im.size
-        except OSError:
-            return None
+    if isinstance(image, str | os.PathLike | bytes):
+        with open_image(image, "init image") as im:
+            width, height = im.size
+            return int(width), int(height)
     return None

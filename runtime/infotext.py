@@ -23,6 +23,7 @@ import json
 import os
 import re
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -42,8 +43,12 @@ WEBUI_SAMPLERS = (
 #: ``dpm++`` has no fixed order; with the scheduler default (solver_order 2) it is DPM++ 2M.
 _EXTRA_LABELS = {"dpm++": "DPM++ 2M"}
 
-# AUTOMATIC1111's modules/infotext_utils.py
-_RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+# AUTOMATIC1111's modules/infotext_utils.py, with the key and the whitespace around it bounded:
+# unbounded, a long run of word characters or spaces without a ":" made findall quadratic (a
+# 30 kB line took 10 s), which a PNG's parameters text could exploit
+_RE_PARAM = re.compile(r'\s{0,16}(\w[\w \-/]{0,63}):\s{0,16}("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+#: two maximal prompts and the parameter line fit easily; longer text is not ours
+MAX_INFOTEXT_CHARS = 64 * 1024
 _RE_SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 
@@ -86,12 +91,36 @@ def parse_webui_sampler(text: str) -> tuple[str, bool | None]:
 
 
 def format_infotext(params: dict[str, Any], index: int = 0, version: str = "") -> str:
-    """Infotext of image ``index`` of a result (its own seed is ``params["seeds"][index]``)."""
+    """Infotext of image ``index`` of a result (its own seed is ``params["seeds"][index]``).
+
+    Prompts are written as the WebUI writes them, except one that would not read back as
+    itself (a line starting ``Negative prompt:``, a last line that looks like the parameter
+    line, surrounding whitespace, a quoted string): that one is JSON-quoted, which
+    :func:`parse_infotext` unquotes, so every prompt round-trips through ``--from-png``."""
 
     def pick(key: str) -> Any:
         value = params[key]
         return value[index] if isinstance(value, list) else value
 
+    prompt, negative = str(pick("prompt")), str(pick("negative_prompt") or "")
+    body = _parameter_line(params, index, version)
+    text = _assemble(prompt, negative, body)
+    parsed = parse_infotext(text)
+    if parsed["prompt"] != prompt or parsed["negative_prompt"] != negative:
+        quote = lambda t: json.dumps(t, ensure_ascii=False) if t else t  # noqa: E731
+        quoted_prompt = quote(prompt) if parsed["prompt"] != prompt else prompt
+        text = _assemble(quoted_prompt, quote(negative), body)
+        if parse_infotext(text)["prompt"] != prompt:  # the negative's text misled the split
+            text = _assemble(quote(prompt), quote(negative), body)
+    return text
+
+
+def _assemble(prompt: str, negative: str, body: str) -> str:
+    negative_text = f"\nNegative prompt: {negative}" if negative else ""
+    return f"{prompt}{negative_text}\n{body}".strip()
+
+
+def _parameter_line(params: dict[str, Any], index: int, version: str) -> str:
     fields: dict[str, Any] = {
         "Steps": params["steps"],
         "Sampler": webui_sampler_name(params["sampler"], params.get("karras")),
@@ -110,16 +139,30 @@ def format_infotext(params: dict[str, Any], index: int = 0, version: str = "") -
         "Guidance rescale": params.get("guidance_rescale") or None,
         TOOL_VERSION_KEY: version or None,
     }
-    body = ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None)
-    negative = pick("negative_prompt")
-    negative_text = f"\nNegative prompt: {negative}" if negative else ""
-    return f"{pick('prompt')}{negative_text}\n{body}".strip()
+    return ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None)
+
+
+def _unquote_prompt(text: str) -> str:
+    """A prompt :func:`format_infotext` JSON-quoted (one line, a JSON string) -> its text."""
+    if len(text) >= 2 and text[0] == '"' and text[-1] == '"' and "\n" not in text:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            return text
+        if isinstance(value, str):
+            return value
+    return text
 
 
 def parse_infotext(text: str) -> dict[str, Any]:
     """Infotext -> Pipeline keyword arguments (prompt, negative_prompt, sampler, karras, steps,
     guidance, seed, width, height, strength, eta, guidance_rescale, sampler_options) plus
     ``model_hash`` / ``model`` when present."""
+    if len(text) > MAX_INFOTEXT_CHARS:
+        raise InputError(
+            f"generation parameters are {len(text)} characters; at most {MAX_INFOTEXT_CHARS} "
+            "are read"
+        )
     *lines, last = text.strip().split("\n")
     if len(_RE_PARAM.findall(last)) < 3:
         lines.append(last)
@@ -133,7 +176,10 @@ def parse_infotext(text: str) -> dict[str, Any]:
             in_negative, line = True, line[len("Negative prompt:") :].strip()
         (negative if in_negative else prompt).append(line)
     raw = {k: _unquote(v) for k, v in _RE_PARAM.findall(last)}
-    out: dict[str, Any] = {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative)}
+    out: dict[str, Any] = {
+        "prompt": _unquote_prompt("\n".join(prompt)),
+        "negative_prompt": _unquote_prompt("\n".join(negative)),
+    }
     try:
         if "Sampler" in raw:
             out["sampler"], out["karras"] = parse_webui_sampler(raw["Sampler"])
@@ -196,13 +242,14 @@ def write_pngs(items: list[tuple[str | os.PathLike[str], np.ndarray, str]]) -> l
             if path.is_dir():
                 raise InputError(f"cannot write {str(path)!r}: it is a directory")
             try:
-                fd, tmp = tempfile.mkstemp(
+                fd, tmp_name = tempfile.mkstemp(
                     prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or "."
                 )
             except OSError as e:
                 raise InputError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
-            staged.append((Path(tmp), path))
+            staged.append((Path(tmp_name), path))
             try:
+                os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 is not the user's say
                 with os.fdopen(fd, "wb") as f:
                     save_png(f, image, infotext)
                     f.flush()
@@ -221,15 +268,39 @@ def write_pngs(items: list[tuple[str | os.PathLike[str], np.ndarray, str]]) -> l
 
 
 def read_infotext(path: str | os.PathLike[str]) -> str:
-    """The ``parameters`` text of a PNG; InputError if the file has none."""
-    from PIL import Image
+    """The ``parameters`` text of a PNG; InputError if the file has none. The image's declared
+    size is checked before any pixel is decoded (:func:`trt_sd.runtime.images.open_image`), and
+    pixels are decoded only when the text sits after them."""
+    from .images import open_image
 
-    try:
-        with Image.open(path) as im:
-            im.load()
+    with open_image(path, "file", "PNG") as im:
+        text = im.info.get(PNG_KEY)
+        if text is None:
+            try:
+                im.load()  # text chunks after the image data are read with it
+            except (OSError, ValueError, SyntaxError) as e:
+                reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+                raise InputError(f"{str(path)!r} is not a readable PNG: {reason}") from None
             text = im.info.get(PNG_KEY)
-    except (OSError, ValueError) as e:
-        raise InputError(f"{str(path)!r} is not a readable PNG: {e}") from None
     if not isinstance(text, str) or not text.strip():
         raise InputError(f"{str(path)!r} carries no generation parameters (no 'parameters' text)")
     return text
+
+
+_umask_lock = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux says it (``/proc``), else by
+    the set-and-restore dance under a lock."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from trt_sd.models.descriptors import Component
+from trt_sd.models.descriptors import UNET, Component
 from trt_sd.models.errors import InputError, ManifestError
 from trt_sd.models.manifest import ComponentEntry, Manifest
 from trt_sd.models.unet_plans import UNetPartition
@@ -213,7 +213,8 @@ class StagedUNet:
         raw = manifest.unet_partition
         if not raw:
             raise ManifestError("this engine directory holds no partitioned UNet")
-        plan = UNetPartition.from_dict(raw, manifest.dims)
+        base = manifest.family.components(manifest.dims)[UNET]
+        plan = UNetPartition.from_dict(raw, manifest.dims, base)
         components = plan.components()
         if devices is not None:
             check_stage_devices(len(components), devices)

@@ -18,27 +18,39 @@ from typing import Any
 import numpy as np
 
 from trt_sd.models.descriptors import (
+    CONTEXT,
     TEXT_ENCODER,
     UNET,
     VAE_DECODER,
     VAE_ENCODER,
     Component,
-    all_components,
 )
-from trt_sd.models.errors import InputError, ManifestError, NumericalError
+from trt_sd.models.errors import InputError, NumericalError
+from trt_sd.models.families import PromptRows
+from trt_sd.models.integrity import verify_components
 from trt_sd.models.manifest import Manifest
 from trt_sd.models.paths import default_engine_dir
 from trt_sd.models.unet_stages import UNET_SHALLOW
 
 from .backends import EngineBackend, create_backend
 from .chains import run_chains
+from .conditioning import TextConditioner, load_tokenizers
 from .deepcache import DeepCacheConfig, DeepCacheState, deepcache_components, resolve_deepcache
+from .denoise import DenoiseStep, Lane, check_latents, unet_overflow_hint
 from .images import image_size, load_image, to_uint8
 from .multidevice import StagedUNet, place
 from .noise import initial_noise, posterior_sample, sampler_noise_fn
 from .progress import ProgressArg, progress_reporter
 from .request import DEFAULT_SAMPLER, Request, build_request
 from .tokenizer import ClipTokenizer
+
+__all__ = [
+    "GenerationResult",
+    "Pipeline",
+    "check_latents",
+    "resolve_sampler",
+    "unet_overflow_hint",
+]
 
 
 @dataclass(frozen=True)
@@ -49,15 +61,6 @@ class GenerationResult:
     timings: dict[str, float]  # seconds per component (+ "total")
     unet_calls: int
     params: dict[str, Any] = field(default_factory=dict)  # the resolved request
-
-
-def unet_overflow_hint(manifest: Manifest) -> str:
-    """What to change when the UNet returns NaN / inf: fp16 engines overflow on some inputs;
-    an fp32 engine only does on latents that already grew absurd (guidance far too high)."""
-    precisions = {e.precision for n, e in manifest.components.items() if n.startswith(UNET)}
-    if precisions == {"fp32"}:  # the UNet, its stages or its DeepCache pair
-        return "; the engine is fp32, so its inputs grew too large: lower the guidance"
-    return "; try an fp32 export"
 
 
 def _check_finite(name: str, value: np.ndarray, detail: str = "", hint: str = "") -> None:
@@ -75,17 +78,6 @@ def _check_finite(name: str, value: np.ndarray, detail: str = "", hint: str = ""
         TEXT_ENCODER: "; export the text encoder in fp32",
     }.get(name, "; try an fp32 export")
     raise NumericalError(f"{name} produced NaN or inf{detail}{hint}")
-
-
-def check_latents(x: np.ndarray, step: int, total: int, req: Request) -> None:
-    """The sampler's latents after a step with finite UNet outputs: NaN / inf there means the
-    guidance or the sampler blew up, not the engine (the message says which to change)."""
-    if not np.isfinite(x).all():
-        raise NumericalError(
-            f"the latents became NaN or inf at step {step + 1} of {total} "
-            f"({req.sampler}, guidance {req.guidance:g}) although the UNet's outputs were "
-            "finite: lower the guidance or try another sampler"
-        )
 
 
 def _samplers() -> Any:
@@ -115,13 +107,18 @@ class Pipeline:
         engine_dir: Path,
         manifest: Manifest,
         engines: dict[str, EngineBackend],
-        tokenizer: ClipTokenizer,
+        tokenizers: dict[str, ClipTokenizer],
     ) -> None:
         self.engine_dir = engine_dir
         self.manifest = manifest
         self.engines = engines
-        self.tokenizer = tokenizer
-        self.components: dict[str, Component] = all_components(manifest.dims)
+        self.family = manifest.family
+        self.components: dict[str, Component] = self.family.components(manifest.dims)
+        self.tokenizers = tokenizers
+        #: the first text encoder's tokenizer (what SD 1.x / 2.x have)
+        self.tokenizer = tokenizers[self.family.text_encoders[0].component]
+        self.text = TextConditioner(self.family, manifest, self.components, tokenizers)
+        self.denoise_step = DenoiseStep(self.components[UNET], manifest)
         config = manifest.scheduler_config
         config["prediction_type"] = manifest.prediction_type  # the manifest is authoritative
         self.scheduler_config = config
@@ -143,9 +140,13 @@ class Pipeline:
         (:mod:`trt_sd.runtime.deepcache`)."""
         path = Path(engine_dir) if engine_dir is not None else default_engine_dir()
         manifest = Manifest.load(path)
+        verify_components(path, manifest)  # sha256 of every engine file (stamped fast path)
         placement = place(manifest, devices)
         default_cache = resolve_deepcache(manifest, deepcache)
-        components = {**all_components(manifest.dims), **deepcache_components(manifest)}
+        components = {
+            **manifest.family.components(manifest.dims),
+            **deepcache_components(manifest),
+        }
         engines: dict[str, Any] = {
             name: create_backend(backend, path, components[name], entry, placement.device_id)
             for name, entry in manifest.components.items()
@@ -153,15 +154,8 @@ class Pipeline:
         }
         if manifest.unet_partition:
             engines[UNET] = StagedUNet.load(path, manifest, backend, placement.stages)
-        tokenizer = ClipTokenizer.from_engine_dir(
-            path, manifest.tokenizer, manifest.dims.text_max_length
-        )
-        if tokenizer.max_length != manifest.dims.text_max_length:
-            raise ManifestError(
-                f"tokenizer max_length {tokenizer.max_length} differs from the text encoder's "
-                f"input length {manifest.dims.text_max_length}"
-            )
-        pipe = cls(path, manifest, engines, tokenizer)
+        tokenizers = load_tokenizers(path, manifest, manifest.family)
+        pipe = cls(path, manifest, engines, tokenizers)
         pipe.deepcache = default_cache
         return pipe
 
@@ -191,6 +185,7 @@ class Pipeline:
         guidance_rescale: float = 0.0,
         sampler_options: dict[str, Any] | None = None,
         deepcache: Any = None,
+        **options: Any,
     ) -> GenerationResult:
         """Generate ``batch`` images. Unset prompt, steps, guidance, height and width come from
         the manifest's defaults; ``sampler`` defaults to ``"dpm++"``. ``batch`` is not inferred:
@@ -202,6 +197,9 @@ class Pipeline:
         with ``strength`` (default 0.8); its size sets height / width when those are unset.
         ``progress``: True for a tqdm bar on stderr, or a callable ``(done, total)``.
         ``deepcache``: cache interval N (``0`` off; default: the one given to :meth:`load`).
+        ``options``: the model family's own (SDXL: ``original_size``,
+        ``crops_coords_top_left``, ``target_size`` and their ``negative_`` forms, diffusers'
+        defaults); InputError for an option the family does not take.
         """
         start = time.perf_counter()
         cache_config = (
@@ -235,11 +233,12 @@ class Pipeline:
             eta=eta,
             sampler_options=sampler_options or {},
         )
+        family_options = self.family.check_options(options, req.height, req.width)
         noise = self._initial_noise(req, latents)
         init_image = load_image(image, req.width, req.height) if image is not None else None
         timings: dict[str, float] = {}
         stepper = self._stepper(req)
-        embeddings = self._encode_text(req, timings)
+        conditioning = self._encode_text(req, family_options, timings)
         if init_image is None:
             x = stepper.prepare_noise(noise)
         else:
@@ -248,20 +247,22 @@ class Pipeline:
         if cache_config is not None:
             cache = DeepCacheState(cache_config, stepper.num_model_calls, self._cache_feature())
         if isinstance(self.engines[UNET], StagedUNet) and req.batch > 1:
-            x = run_chains(self, req, x, embeddings, timings, progress)
+            x = run_chains(self, req, x, conditioning, timings, progress)
         else:
-            x = self._denoise(req, stepper, x, embeddings, timings, progress, cache)
+            x = self._denoise(req, stepper, x, conditioning, timings, progress, cache)
         images = self._decode(x, timings)
         timings["total"] = time.perf_counter() - start
-        params = self.result_params(req)
+        params = self.result_params(req, family_options)
         if cache is not None:
             params["deepcache"] = cache.summary()
         return GenerationResult(images, timings, stepper.num_model_calls, params)
 
     # ---- building blocks for schedulers that batch many requests (trt_sd.runtime.serve) -----
-    def result_params(self, req: Request) -> dict[str, Any]:
-        """What a result reports and its PNG embeds: the resolved request + engine identity."""
+    def result_params(self, req: Request, options: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What a result reports and its PNG embeds: the resolved request + engine identity
+        (+ the family options the caller set)."""
         params = req.to_params()
+        params.update({k: list(v) for k, v in (options or {}).items() if v is not None})
         params.update(
             backend=self.backend,
             model=self.manifest.model.get("name", ""),
@@ -273,14 +274,22 @@ class Pipeline:
         """A fresh stepper for ``req``: its own state and noise streams (from its seeds)."""
         return self._stepper(req)
 
-    def encode_text(self, texts: Sequence[str], timings: dict[str, float] | None = None) -> Any:
-        """Host embeddings of ``texts`` (rows of any requests) from one text-encoder call."""
-        spec = self.components[TEXT_ENCODER]
-        feeds = {spec.inputs[0].name: self.tokenizer(list(texts))}
-        out = self._run(TEXT_ENCODER, feeds, {} if timings is None else timings)
-        embeddings = out[spec.outputs[0].name]
-        _check_finite(TEXT_ENCODER, embeddings)
-        return embeddings
+    def encode_conditioning(
+        self, rows: PromptRows, timings: dict[str, float] | None = None
+    ) -> dict[str, Any]:
+        """Host UNet conditioning of ``rows`` (rows of any requests) from one call per text
+        encoder; keyed by UNet input name, rows on the first axis."""
+        timings = {} if timings is None else timings
+        return self.text(rows, self._text_run(timings), self._to_host)
+
+    def _text_run(self, timings: dict[str, float]) -> Any:
+        def run(name: str, feeds: dict[str, Any], keep: tuple[str, ...]) -> dict:
+            return self._run(name, feeds, timings, keep=keep)
+
+        return run
+
+    def _to_host(self, name: str, value: Any) -> np.ndarray:
+        return self.engines[name].to_host(value)
 
     def decode(
         self, latents: np.ndarray, timings: dict[str, float] | None = None
@@ -344,27 +353,25 @@ class Pipeline:
     def _cache_feature(self) -> str:
         return deepcache_components(self.manifest)[UNET].output_names[1]
 
-    def _encode_text(self, req: Request, timings: dict[str, float]) -> Any:
-        """Token ids -> embeddings, ``[uncond..., cond...]`` rows in one call when CFG is on
-        (diffusers' order), kept on the device for the UNet calls that follow."""
-        spec = self.components[TEXT_ENCODER]
-        texts = (*req.negative_prompts, *req.prompts) if req.cfg else req.prompts
-        ids = self.tokenizer(texts)
-        out_name = spec.outputs[0].name
-        keep = (out_name,) if self._embeddings_stay_on_device() else ()
-        out = self._run(TEXT_ENCODER, {spec.inputs[0].name: ids}, timings, keep=keep)
-        embeddings = out[out_name]
-        _check_finite(TEXT_ENCODER, self.engines[TEXT_ENCODER].to_host(embeddings))
-        return embeddings
+    def _encode_text(
+        self, req: Request, options: dict[str, Any], timings: dict[str, float]
+    ) -> dict[str, Any]:
+        """Prompts -> UNet conditioning, ``[uncond..., cond...]`` rows in one call per text
+        encoder when CFG is on (diffusers' order); a passthrough family's context stays on
+        the device for the UNet calls that follow."""
+        rows = PromptRows.for_request(
+            req.prompts, req.negative_prompts, req.cfg, (req.height, req.width), options
+        )
+        keep = self._embeddings_stay_on_device()
+        return self.text(rows, self._text_run(timings), self._to_host, keep_on_device=keep)
 
     def _embeddings_stay_on_device(self) -> bool:
         """The UNet can take the text encoder's device tensor as it is: same GPU backend and
         the same dtype on both sides (an fp32 text encoder feeding an fp16 UNet goes through
         the host, where the UNet backend casts it)."""
         te, unet = self.engines[TEXT_ENCODER], self.engines[UNET]
-        context = self.components[UNET].input_names[2]
         te_dtype = te.outputs[0].dtype
-        unet_dtype = next(s.dtype for s in unet.inputs if s.name == context)
+        unet_dtype = next(s.dtype for s in unet.inputs if s.name == CONTEXT)
         return te.kind == unet.kind != "onnxruntime-cpu" and te_dtype == unet_dtype
 
     def _encode_image(
@@ -387,37 +394,24 @@ class Pipeline:
         req: Request,
         stepper: Any,
         x: np.ndarray,
-        embeddings: Any,
+        conditioning: dict[str, Any],
         timings: dict[str, float],
         progress: ProgressArg,
         cache: DeepCacheState | None = None,
     ) -> np.ndarray:
-        samplers = _samplers()
-        unet = self.components[UNET]
-        sample_name, timestep_name, context_name = unet.input_names
-        out_name = unet.output_names[0]
-        rows = 2 * req.batch if req.cfg else req.batch
+        """The sampler loop over :class:`DenoiseStep` (one lane: this request's rows)."""
+        step = self.denoise_step
         total = stepper.num_model_calls
         bar = progress_reporter(progress, total)
-        unet_hint = unet_overflow_hint(self.manifest)
-        # Overflow is caught below and named (the component, or the sampler's latents); NumPy's
+        # Overflow is caught and named (the component, or the sampler's latents); NumPy's
         # RuntimeWarnings would only add noise beside that one line.
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             try:
                 for i in range(total):
                     x_in = np.asarray(stepper.scale_model_input(x, i), dtype=np.float32)
-                    feeds = {
-                        sample_name: np.concatenate([x_in, x_in]) if req.cfg else x_in,
-                        timestep_name: np.full(rows, stepper.timesteps[i], dtype=np.float32),
-                        context_name: embeddings,
-                    }
-                    out = np.asarray(self._run_unet(i, feeds, timings, cache)[out_name], np.float32)
-                    _check_finite(UNET, out, f" at step {i + 1} of {total}", unet_hint)
-                    if req.cfg:
-                        uncond, cond = np.split(out, 2)
-                        out = samplers.cfg(cond, uncond, req.guidance, req.guidance_rescale)
-                    x = stepper.step(out, i, x)
-                    check_latents(x, i, total, req)
+                    lane = Lane(x_in, stepper.timesteps[i], req.cfg, conditioning)
+                    outputs = self._run_unet(i, step.feeds([lane]), timings, cache)
+                    x = step.advance(req, stepper, i, x, step.output(outputs, i, total, x_in))
                     if bar is not None:
                         bar(i + 1, total)
             finally:

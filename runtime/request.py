@@ -7,10 +7,14 @@ Validation happens here, before any engine runs, so a bad argument costs nothing
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import secrets
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import numpy as np
 
 from trt_sd.models.descriptors import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
 from trt_sd.models.errors import InputError
@@ -21,6 +25,14 @@ DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 7.5
 DEFAULT_STRENGTH = 0.8  # diffusers' img2img default
 MAX_SEED = 2**63 - 1
+#: Absolute ceilings, checked before anything proportional to them is allocated (output paths,
+#: noise, sampler tables) and before the engines' own shape ranges: far above any real use.
+MAX_BATCH = 4096
+MAX_STEPS = 1000  # the training schedule's length: more steps revisit the same noise levels
+MAX_SIDE = 16384
+#: CLIP reads 77 tokens; a longer prompt is truncated anyway, and tokenising megabytes on the
+#: shared scheduler thread would stall every other request
+MAX_PROMPT_CHARS = 4096
 
 
 @dataclass(frozen=True)
@@ -68,31 +80,81 @@ class Request:
         return params
 
 
-def _prompts(value: str | Sequence[str], batch: int, what: str) -> tuple[str, ...]:
+def _prompts(value: Any, batch: int, what: str) -> tuple[str, ...]:
+    """One string (every image) or one per image; each checked by :func:`check_prompt`."""
     if isinstance(value, str):
-        return (value,) * batch
+        return (check_prompt(value, what),) * batch
+    if not isinstance(value, list | tuple):
+        raise InputError(f"{what} must be a string or a list of strings, got {_kind(value)}")
     values = tuple(value)
     if not all(isinstance(v, str) for v in values):
         raise InputError(f"{what} must be a string or a list of strings")
     if len(values) != batch:
         raise InputError(f"{what} has {len(values)} entries but batch is {batch}")
-    return values
+    return tuple(check_prompt(v, what) for v in values)
+
+
+def check_prompt(text: str, what: str = "prompt") -> str:
+    """A prompt the tokenizer can take: at most :data:`MAX_PROMPT_CHARS` characters of valid
+    Unicode (a lone surrogate such as ``\\ud800`` cannot be encoded). Checked per request,
+    before batching, so one bad prompt never fails the requests encoded with it."""
+    if len(text) > MAX_PROMPT_CHARS:
+        raise InputError(
+            f"{what} is {len(text)} characters; at most {MAX_PROMPT_CHARS} are allowed "
+            "(CLIP reads the first 77 tokens)"
+        )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(
+            f"{what} is not valid Unicode (a lone surrogate at character {e.start}); "
+            "send UTF-8 text"
+        ) from None
+    return text
+
+
+def _kind(value: Any) -> str:
+    """A value's type for a message; short scalars shown (never a whole payload)."""
+    if isinstance(value, bool | numbers.Number | str) and len(repr(value)) <= 24:
+        return repr(value)
+    return type(value).__name__ if value is not None else "None"
 
 
 def _integer(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
-        raise InputError(f"{what} must be an integer, got {value!r}")
-    return int(value)
+    """An integer of any integer type (Python, NumPy), or an integral finite float."""
+    if isinstance(value, bool | np.bool_):
+        raise InputError(f"{what} must be an integer, got {_kind(value)}")
+    if isinstance(value, numbers.Integral):
+        return operator.index(value)
+    if isinstance(value, numbers.Real) and math.isfinite(value) and value == int(float(value)):
+        return int(float(value))
+    raise InputError(f"{what} must be an integer, got {_kind(value)}")
 
 
 def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        raise InputError(f"{what} must be a number, got {_kind(value)}")
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{what} must be a number, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(f"{what} must be a finite number, got {_kind(value)}") from None
     if not math.isfinite(number):
-        raise InputError(f"{what} must be finite, got {value!r}")
+        raise InputError(f"{what} must be finite, got {_kind(value)}")
     return number
+
+
+def _bounded(value: Any, what: str, lo: int | None, hi: int) -> int:
+    number = _integer(value, what)
+    if lo is not None and number < lo:
+        raise InputError(f"{what} must be at least {lo}, got {number}")
+    if number > hi:
+        raise InputError(f"{what} must be at most {hi}, got {number}")
+    return number
+
+
+def check_batch(value: Any) -> int:
+    """The batch size, refused above :data:`MAX_BATCH` before anything is sized by it."""
+    return _bounded(value, "batch", 1, MAX_BATCH)
 
 
 def check_size(manifest: Manifest, height: int, width: int, batch: int, cfg: bool) -> None:
@@ -169,14 +231,11 @@ def build_request(
 ) -> Request:
     """Fill unset arguments from ``manifest.defaults`` and validate all of them."""
     defaults = manifest.defaults
-    batch = _integer(batch, "batch")
-    if batch < 1:
-        raise InputError(f"batch must be at least 1, got {batch}")
+    batch = check_batch(batch)
     if prompt is None:
         prompt = str(defaults.get("prompt", ""))
-    steps = _integer(steps if steps is not None else defaults.get("steps", DEFAULT_STEPS), "steps")
-    if steps < 1:
-        raise InputError(f"steps must be at least 1, got {steps}")
+    steps = steps if steps is not None else defaults.get("steps", DEFAULT_STEPS)
+    steps = _bounded(steps, "steps", 1, MAX_STEPS)
     guidance = _number(
         guidance if guidance is not None else defaults.get("guidance", DEFAULT_GUIDANCE), "guidance"
     )
@@ -186,8 +245,11 @@ def build_request(
     seed = secrets.randbits(32) if seed is None else _integer(seed, "seed")
     if not 0 <= seed <= MAX_SEED - batch:
         raise InputError(f"seed must be in [0, 2**63 - 1 - batch], got {seed}")
-    height = _integer(height if height is not None else default_size(manifest, "height"), "height")
-    width = _integer(width if width is not None else default_size(manifest, "width"), "width")
+    height = height if height is not None else default_size(manifest, "height")
+    height = _bounded(height, "height", None, MAX_SIDE)  # too small: check_size says how
+    width = _bounded(
+        width if width is not None else default_size(manifest, "width"), "width", 1, MAX_SIDE
+    )
     if img2img:
         if VAE_ENCODER not in manifest.components:
             raise InputError("img2img needs a VAE encoder, and this engine directory has none")
@@ -200,6 +262,14 @@ def build_request(
         eta = _number(eta, "eta")
         if eta < 0:
             raise InputError(f"eta must be >= 0, got {eta}")
+    if not isinstance(sampler, str) or len(sampler) > 64:
+        raise InputError(f"sampler must be a sampler name, got {_kind(sampler)}")
+    if karras is not None and not isinstance(karras, bool | np.bool_):
+        raise InputError(f"karras must be true, false or unset, got {_kind(karras)}")
+    if not isinstance(sampler_options, dict) or not all(
+        isinstance(k, str) for k in sampler_options
+    ):
+        raise InputError("sampler_options must be a dict with string keys")
     canonical, implied = resolve_sampler(sampler)
     implied_karras = implied.pop("use_karras_sigmas", None)
     if karras is None:

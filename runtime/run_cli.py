@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,9 @@ def _request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         if value is not None:
             kwargs[key] = value
     if args.batch is not None:
-        kwargs["batch"] = args.batch
+        from trt_sd.runtime.request import check_batch
+
+        kwargs["batch"] = check_batch(args.batch)  # before anything is sized by it
     if kwargs.get("strength") is not None and not args.image:
         raise InputError(
             "img2img parameters need the init image: pass it with --image FILE"
@@ -106,8 +109,16 @@ def _request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def output_paths(out: str | None, seed: int, batch: int) -> list[Path]:
-    """``--out`` (``stem-<i>.png`` per image of a batch) or ``trt-sd-<seed>[-<i>].png``."""
-    base = Path(out) if out else Path.cwd() / f"trt-sd-{seed}.png"
+    """``--out`` (``stem-<i>.png`` per image of a batch) or ``trt-sd-<seed>[-<i>].png``; an
+    ``--out`` that is a directory (or ends with a separator) gets those default names inside
+    it, never a ``DIR.png`` beside it."""
+    default = f"trt-sd-{seed}.png"
+    if not out:
+        base = Path.cwd() / default
+    elif out.endswith(("/", os.sep)) or Path(out).is_dir():
+        base = Path(out) / default
+    else:
+        base = Path(out)
     if base.suffix.lower() != ".png":
         base = base.with_name(base.name + ".png")
     if batch == 1:
@@ -131,10 +142,11 @@ def main(args: argparse.Namespace) -> int:
     kwargs = _request_kwargs(args)
     stored_hash = kwargs.pop("_stored_model_hash", None)
     if args.out:  # refuse an unwritable --out before any generation work
-        parent = Path(args.out).parent
+        paths = output_paths(args.out, 0, kwargs.get("batch", 1))
+        parent = paths[0].parent
         if not parent.is_dir():
             raise InputError(f"output directory {str(parent)!r} does not exist")
-        for path in output_paths(args.out, 0, kwargs.get("batch", 1)):
+        for path in paths:
             if path.is_dir():
                 raise InputError(f"cannot write {str(path)!r}: it is a directory")
     if args.device is not None and args.devices:

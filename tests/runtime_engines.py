@@ -48,3 +48,21 @@ def tiny_engines(v_prediction: bool = False) -> Path:
         progress=False,
     )
     return out
+
+
+@cache
+def tiny_sdxl_model() -> Path:
+    """A tiny random SDXL base diffusers folder (see tests/tiny_sdxl.py)."""
+    from tiny_sdxl import make_tiny_sdxl
+
+    return make_tiny_sdxl(_root() / "model-sdxl")
+
+
+@cache
+def tiny_sdxl_engines() -> Path:
+    """fp32 ONNX engine directory of :func:`tiny_sdxl_model`, batch 1..2, 16..24 pixels."""
+    from trt_sd.export import export_model
+
+    out = _root() / "engines-sdxl"
+    export_model(tiny_sdxl_model(), out, height="16:24", width="16:24", batch="1:2", progress=False)
+    return out

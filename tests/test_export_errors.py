@@ -39,10 +39,24 @@ def test_missing_and_foreign_folders(tmp_path, capsys):
     _fails(capsys, [str(tmp_path / "nope")], "does not exist")
     _fails(capsys, [str(tmp_path)], "not a diffusers folder")
     _fails(capsys, [str(tmp_path), "--config", str(tmp_path)], "only for single-file")
+    part = ["diffusers", "X"]
+    index = {"_class_name": "X", "unet": part, "vae": part, "text_encoder": part}
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    _fails(capsys, [str(tmp_path)], "unet/ is missing")
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "X", "unet": []}))
-    _fails(capsys, [str(tmp_path)], "text_encoder/ is missing")
-    (tmp_path / "model_index.json").write_text(json.dumps({"text_encoder_2": [], "unet": []}))
-    _fails(capsys, [str(tmp_path)], "Stable Diffusion 1.x / 2.x")
+    _fails(capsys, [str(tmp_path)], "holds a X; trt-sd exports SD 1.x, SD 2.x, SDXL pipelines")
+    flux = {"_class_name": "FluxPipeline", "transformer": part, "vae": part}
+    (tmp_path / "model_index.json").write_text(json.dumps(flux))
+    _fails(capsys, [str(tmp_path)], "holds a FluxPipeline (FLUX); trt-sd exports SD 1.x")
+    refiner = {
+        "_class_name": "StableDiffusionXLImg2ImgPipeline",
+        "text_encoder": [None, None],
+        "text_encoder_2": part,
+        "unet": part,
+        "vae": part,
+    }
+    (tmp_path / "model_index.json").write_text(json.dumps(refiner))
+    _fails(capsys, [str(tmp_path)], "(SDXL refiner)")
 
 
 def test_unreadable_and_pickle_checkpoints(tmp_path, capsys, model_dir):
@@ -62,8 +76,12 @@ def test_single_file_needs_config(tmp_path, capsys):
     from safetensors.numpy import save_file
 
     path = tmp_path / "model.safetensors"
-    save_file({"x": np.zeros(2, np.float32)}, str(path))
+    keys = ("model.diffusion_model.x", "first_stage_model.x", "cond_stage_model.x")
+    save_file({k: np.zeros(2, np.float32) for k in keys}, str(path))
     _fails(capsys, [str(path)], "--config DIR")
+    foreign = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_down.alpha": np.zeros(1, np.float32)}, str(foreign))
+    _fails(capsys, [str(foreign), "--config", str(tmp_path)], "not a full Stable Diffusion")
 
 
 def test_pickle_weights_inside_a_folder_are_refused(tmp_path, capsys, model_dir):

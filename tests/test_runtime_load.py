@@ -57,7 +57,7 @@ def test_missing_engine_file(engines_copy: Path) -> None:
 
 def test_corrupt_engine_file(engines_copy: Path) -> None:
     (engines_copy / "vae_decoder.onnx").write_bytes(b"\x00garbage" * 100)
-    with pytest.raises(ManifestError, match=r"vae_decoder.*could not be loaded"):
+    with pytest.raises(ManifestError, match=r"vae_decoder.*does not match the sha256"):
         Pipeline.load(engines_copy)
 
 
@@ -183,7 +183,7 @@ def test_optimised_graph_cache(tmp_path: Path, monkeypatch) -> None:
     busy = tmp_path / "busy"
     monkeypatch.setenv("TRT_SD_ORT_CACHE", str(busy))
     unet = first.manifest.components["unet"]
-    ort_cache.entry_for(busy, unet, ort.__version__).lock()
+    ort_cache.entry_for(busy, unet, ort.__version__, engines / unet.file).lock()
     Pipeline.load(engines, backend="onnxruntime-cpu")
     assert not [p for p in busy.iterdir() if p.name.startswith("unet-")]
 

@@ -89,6 +89,10 @@ def prepare_int8(
     backend: str,
 ) -> ResolvedRecipe:
     """Resolve the recipe for this model and backend and check memory (no torch import)."""
+    if "int8" not in ckpt.family_spec.features:  # calibration encodes prompts the SD way
+        raise InputError(
+            f"--precision int8 is not available for {ckpt.family_spec.label} models yet"
+        )
     default_guidance = float(ckpt.defaults().get("guidance", 7.5))
     resolved = resolve_recipe(
         recipe,

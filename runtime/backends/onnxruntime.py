@@ -147,7 +147,10 @@ class OnnxRuntimeBackend(EngineBackend):
         if root is None:  # off, or the CUDA provider (not cached)
             return None
         ort = self._ort
-        cached = ort_cache.entry_for(root, entry, ort.__version__)
+        try:
+            cached = ort_cache.entry_for(root, entry, ort.__version__, path)
+        except OSError:
+            return None  # unreadable here: the plain load reports it
         if cached.ready:
             if cached.intact():
                 so = session_options(ort)

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from trt_sd.models.errors import InputError
+from trt_sd.models.integrity import file_digest
 from trt_sd.models.manifest import ComponentEntry
 from trt_sd.models.paths import cache_root
 
@@ -186,12 +187,16 @@ class CacheEntry:
             return False
 
 
-def entry_for(root: Path, entry: ComponentEntry, ort_version: str) -> CacheEntry:
-    """The cache entry of one engine file on this machine and ONNX Runtime version."""
+def entry_for(root: Path, entry: ComponentEntry, ort_version: str, path: Path) -> CacheEntry:
+    """The cache entry of one engine file on this machine and ONNX Runtime version, keyed on
+    the sha256 of the bytes at ``path`` (and of its external weights), not on the manifest's
+    claim: a modified copy of an engine directory gets its own entry and cannot poison the
+    genuine directory's (:func:`trt_sd.models.integrity.file_digest` stamps keep this free on
+    repeat loads). OSError if a file cannot be read."""
+    external = (entry.extra.get("external_data") or {}).get("file")
     key = {
-        "file": entry.file,
-        "sha256": entry.sha256,
-        "external_data": (entry.extra.get("external_data") or {}).get("sha256"),
+        "sha256": file_digest(path),
+        "external_data": file_digest(path.parent / external) if external else None,
         "onnxruntime": ort_version,
         "cpu": cpu_fingerprint(),
         "level": "ORT_ENABLE_ALL",

@@ -31,13 +31,14 @@ from starlette.responses import Response
 
 from trt_sd.models.descriptors import UNET
 from trt_sd.models.errors import InputError
+from trt_sd.models.integrity import verify_components
 from trt_sd.models.manifest import Manifest
 from trt_sd.models.paths import default_engine_dir
 
 from .catalog import ModelEntry, load_catalog
 from .engine import DEFAULT_MAX_QUEUE, DEFAULT_TIMEOUT_S, check_limits
 from .front import DEFAULT_LIMITS, Front, FrontConfig, Limits
-from .replica import Generator, Reply, error_reply
+from .replica import MAX_BODY_BYTES, Generator, PayloadTooLargeError, Reply, error_reply, too_large
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +133,14 @@ class Ingress:
             names = ", ".join(self.handles)
             reply = error_reply(404, f"no model {name!r}; models: {names}")
         elif path == "/generate":
-            body = await request.body()
-            limited = self.front.check_generate(body, name) if self.front is not None else None
-            handle = self.handles.get(name or "")
-            reply = limited or await self._call("generate", body, handle=handle)
+            try:
+                body = await read_body(request)
+            except PayloadTooLargeError as e:
+                reply = error_reply(413, str(e))
+            else:
+                limited = self.front.check_generate(body, name) if self.front else None
+                handle = self.handles.get(name or "")
+                reply = limited or await self._call("generate", body, handle=handle)
         else:
             reply = await self._call("health", handle=self.handles.get(name or ""))
         return reply
@@ -168,12 +173,29 @@ class Ingress:
             return error_reply(503, REPLICA_FAILED, **{"Retry-After": "1"})
 
 
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body, refused (413) as soon as it exceeds ``limit``: by its declared
+    Content-Length before reading, else while streaming, so a huge body is never buffered."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(int(declared))
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def resolve_engines(options: ServeOptions) -> tuple[str, int]:
     """Validate the engine directory before any replica starts: (its absolute path, for
     replicas whose working directory differs; the batch limit, by default what the UNet
     engine was built for)."""
     path = (Path(options.engine_dir) if options.engine_dir else default_engine_dir()).resolve()
     manifest = Manifest.load(path)
+    verify_components(path, manifest)  # refuse a modified directory before replicas start
     entry = manifest.components.get(UNET)
     if entry is None:
         raise InputError(f"{path} holds no single UNet engine; trt-sd serve needs one")

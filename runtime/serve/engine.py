@@ -7,7 +7,9 @@ One scheduler thread owns the engines. Each turn of its loop it
 2. builds one UNet batch from the active requests of one image size - a request's
    ``[uncond, cond]`` rows (or its single row without CFG), each row with the timestep of
    that request's own sampler step (the UNet takes one timestep per row);
-3. splits the output per request, applies its guidance and advances its own stepper;
+3. splits the output per request, applies its guidance and advances its own stepper (the
+   feeds, checks, guidance and step are :class:`trt_sd.runtime.denoise.DenoiseStep`, the
+   code ``Pipeline`` runs);
 4. retires finished requests: VAE decode (same-size requests in one call) and hands the
    image to the waiting caller.
 
@@ -35,17 +37,13 @@ from typing import Any
 import numpy as np
 
 from trt_sd.models.descriptors import TEXT_ENCODER, UNET, VAE_DECODER
-from trt_sd.models.errors import InputError, NumericalError, TrtSdError
+from trt_sd.models.errors import InputError, TrtSdError
+from trt_sd.models.families import PromptRows
+from trt_sd.runtime.denoise import Lane, split_rows
 from trt_sd.runtime.images import image_size, load_image
 from trt_sd.runtime.noise import initial_noise
-from trt_sd.runtime.pipeline import (
-    Pipeline,
-    check_latents,
-    resolve_sampler,
-    unet_overflow_hint,
-)
+from trt_sd.runtime.pipeline import Pipeline, resolve_sampler
 from trt_sd.runtime.request import DEFAULT_SAMPLER, build_request
-from trt_sd.samplers import cfg
 
 from .jobs import (
     DEFAULT_MAX_QUEUE,
@@ -126,9 +124,7 @@ class BatchingEngine:
         self.max_queue = max_queue
         self.timeout_s = float(timeout_s)
         self.stats = EngineStats()
-        unet = pipeline.components[UNET]
-        self._sample_name, self._timestep_name, self._context_name = unet.input_names
-        self._unet_out = unet.output_names[0]
+        self._step = pipeline.denoise_step
         self._waiting: deque[Job] = deque()
         self._active: list[Job] = []
         self._cond = threading.Condition()
@@ -154,10 +150,12 @@ class BatchingEngine:
         guidance_rescale: float = 0.0,
         image: Any = None,
         strength: float | None = None,
+        **options: Any,
     ) -> Ticket:
         """Validate a request (the rules and messages of ``trt-sd run``: InputError) and queue
         it; QueueFullError when the queue is full, EngineStoppedError after :meth:`close`.
-        ``image`` (PIL image or uint8 array) + ``strength``: img2img, as ``Pipeline.__call__``."""
+        ``image`` (PIL image or uint8 array) + ``strength``: img2img, as ``Pipeline.__call__``.
+        ``options``: the model family's own (as ``Pipeline.__call__`` takes them)."""
         if image is not None and (height is None or width is None):
             size = image_size(image)
             width = size[0] if width is None and size else width
@@ -181,9 +179,11 @@ class BatchingEngine:
             eta=eta,
             sampler_options={},
         )
+        family_options = self.pipe.family.check_options(options, req.height, req.width)
         stepper = self.pipe.make_stepper(req)  # sampler-specific errors surface here, too
         now = time.monotonic()
         job = Job(req, stepper, Future(), now + self.timeout_s, now, next(self._seq))
+        job.options = family_options
         if image is not None:
             job.init = load_image(image, req.width, req.height)
         with self._cond:
@@ -277,21 +277,24 @@ class BatchingEngine:
         dims = self.pipe.manifest.dims
         rows_limit = self._text_rows.max
         for chunk in chunks(jobs, lambda j: j.rows, rows_limit, len(jobs)):
-            texts = [
-                t
+            rows = [
+                PromptRows.for_request(
+                    j.req.prompts, j.req.negative_prompts, j.req.cfg, j.size, j.options
+                )
                 for j in chunk
-                for t in ((*j.req.negative_prompts, *j.req.prompts) if j.req.cfg else j.req.prompts)
             ]
             try:
-                embeddings = np.asarray(self.pipe.encode_text(texts))
+                conditioning = self.pipe.encode_conditioning(sum(rows[1:], rows[0]))
             except Exception as e:
-                for job in chunk:
-                    self._failed(job, e)
+                if len(chunk) > 1:  # isolate: a failure fails only its own request
+                    for job in chunk:
+                        self._start([job])
+                else:
+                    self._failed(chunk[0], e)
                 continue
-            offset = 0
-            for job in chunk:
-                job.embeddings = embeddings[offset : offset + job.rows]
-                offset += job.rows
+            parts = split_rows(conditioning, [j.rows for j in chunk])
+            for job, part in zip(chunk, parts, strict=True):
+                job.embeddings = part
                 shape = (
                     dims.latent_channels,
                     job.req.height // dims.vae_scale_factor,
@@ -319,26 +322,16 @@ class BatchingEngine:
         same = [j for j in order if j.size == size]
         batch = next(chunks(same, lambda j: j.rows, self.max_rows, self.max_batch))
         self._turn += 1
-        samples: list[np.ndarray] = []
-        timesteps: list[float] = []
-        contexts: list[np.ndarray] = []
+        lanes = []
         for job in batch:
             job.turn = self._turn
             x_in = np.asarray(job.stepper.scale_model_input(job.x, job.step), dtype=np.float32)
             t = job.stepper.timesteps[job.step]
-            samples += [x_in] * job.rows
-            timesteps += [t] * job.rows
-            if job.embeddings is not None:
-                contexts.append(job.embeddings)
-        feeds = {
-            self._sample_name: np.concatenate(samples),
-            self._timestep_name: np.asarray(timesteps, dtype=np.float32),
-            self._context_name: np.concatenate(contexts),
-        }
-        rows = len(timesteps)
+            lanes.append(Lane(x_in, t, job.req.cfg, job.embeddings or {}))
+        rows = sum(lane.rows for lane in lanes)
         try:
-            out = self.pipe.engines[UNET].run(feeds)[self._unet_out]
-            out = np.asarray(out, dtype=np.float32)
+            outputs = self.pipe.engines[UNET].run(self._step.feeds(lanes))
+            out = np.asarray(outputs[self._step.output_name], dtype=np.float32)
         except Exception as e:
             for job in batch:
                 self._failed(job, e)
@@ -357,20 +350,17 @@ class BatchingEngine:
                 self._failed(job, e)
 
     def _advance(self, job: Job, out: np.ndarray) -> None:
-        """CFG and one sampler step for one request, exactly as ``Pipeline._denoise``."""
+        """Checks, CFG and one sampler step for one request (:class:`DenoiseStep`, as in
+        ``Pipeline._denoise``); a failure fails this request alone: NaN latents would fail
+        its whole VAE batch at decode."""
+        step = self._step
         total = job.stepper.num_model_calls
-        if not np.isfinite(out).all():
-            hint = unet_overflow_hint(self.pipe.manifest)
-            raise NumericalError(
-                f"unet produced NaN or inf at step {job.step + 1} of {total}{hint}"
-            )
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # named below
-            if job.req.cfg:
-                uncond, cond = np.split(out, 2)
-                out = cfg(cond, uncond, job.req.guidance, job.req.guidance_rescale)
-            job.x = job.stepper.step(out, job.step, job.x)
-        # Fail this request alone: NaN latents would fail its whole VAE batch at decode.
-        check_latents(job.x, job.step, total, job.req)
+        if np.isfinite(out).all():
+            out = step.output({step.output_name: out}, job.step, total)
+        else:  # the hint tells a diverging run from a broken engine by the model input
+            sample = job.stepper.scale_model_input(job.x, job.step)
+            out = step.output({step.output_name: out}, job.step, total, sample)
+        job.x = step.advance(job.req, job.stepper, job.step, job.x, out)
         job.step += 1
 
     def _retire(self) -> None:
@@ -392,7 +382,7 @@ class BatchingEngine:
                 for job, image in zip(chunk, images, strict=True):
                     result = Generated(
                         image,
-                        self.pipe.result_params(job.req),
+                        self.pipe.result_params(job.req, job.options),
                         job.stepper.num_model_calls,
                         time.monotonic() - job.submitted,
                     )

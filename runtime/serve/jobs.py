@@ -53,7 +53,9 @@ class Job:
     submitted: float
     seq: int
     x: np.ndarray | None = None  # current latents (1, C, h, w); None until admitted
-    embeddings: np.ndarray | None = None  # [uncond, cond] rows, or [cond] without CFG
+    #: UNet conditioning (input name -> [uncond, cond] rows, or [cond] without CFG)
+    embeddings: dict[str, np.ndarray] | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # resolved family options
     step: int = 0
     turn: int = 0  # scheduler turn of its last UNet call (fairness across sizes)
     cancelled: bool = False

@@ -56,6 +56,19 @@ _STRING_FIELDS = ("prompt", "negative_prompt", "sampler")
 SEED_HEADER = "X-Seed"
 PARAMS_HEADER = "X-Params"
 JSON_TYPE = "application/json"
+#: a request is a few short fields; two maximal prompts, JSON-escaped, fit well inside this
+MAX_BODY_BYTES = 256 * 1024
+
+
+class PayloadTooLargeError(InputError):
+    """The request body is larger than :data:`MAX_BODY_BYTES` (HTTP 413)."""
+
+
+def too_large(size: int | None = None) -> PayloadTooLargeError:
+    seen = f" ({size} bytes)" if size is not None else ""
+    return PayloadTooLargeError(
+        f"request body is too large{seen}; at most {MAX_BODY_BYTES} bytes are allowed"
+    )
 
 
 @dataclass(frozen=True)
@@ -85,10 +98,16 @@ def error_reply(status: int, message: str, **headers: str) -> Reply:
 def parse_generate_body(body: bytes) -> dict[str, Any]:
     """A JSON object with known fields -> engine keyword arguments (InputError otherwise).
     Values are checked by the same code as ``trt-sd run`` (:func:`build_request`)."""
+    if len(body) > MAX_BODY_BYTES:
+        raise too_large(len(body))
     try:
+        # Infinity, NaN and 1e400 parse to floats and get the field's own message (the one
+        # `trt-sd run` prints for the same value); only the nesting depth is a parse error
         data = json.loads(body or b"{}")
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InputError("request body is not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise InputError(f"request body must be a JSON object, got {type(data).__name__}")
     unknown = sorted(set(data) - set(FIELDS))
@@ -140,6 +159,9 @@ class Generator:
                 kwargs["image"] = await asyncio.to_thread(decode_image, kwargs["image"], "image")
         except (TrtSdError, ValueError) as e:
             return _error_for(e)
+        except Exception:  # a bug, not the client's fault
+            log.exception("request parsing failed")
+            return error_reply(500, "internal error while reading the request")
         return await self.generate_kwargs(kwargs)
 
     async def generate_kwargs(self, kwargs: dict[str, Any], with_params: bool = False) -> Reply:
@@ -151,6 +173,9 @@ class Generator:
             ticket = self.engine.submit(**kwargs)
         except (TrtSdError, ValueError) as e:
             return _error_for(e)
+        except Exception:  # a bug, not the client's fault; never a "retry" 503 from the ingress
+            log.exception("request validation failed")
+            return error_reply(500, "internal error while reading the request")
         try:
             # the engine enforces the deadline; this bound only guards against a stuck engine
             result = await asyncio.wait_for(
@@ -202,6 +227,8 @@ class Generator:
 
 
 def _error_for(error: BaseException) -> Reply:
+    if isinstance(error, PayloadTooLargeError):
+        return error_reply(413, str(error))
     if isinstance(error, QueueFullError):
         return error_reply(429, str(error), **{"Retry-After": "1"})
     if isinstance(error, RequestTimeoutError):
