@@ -62,6 +62,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]
             try:
                 ok = requests.get(f"{base}/health", timeout=5).status_code == 200
                 ok = ok and requests.get(f"{base}/health?model=engines-v", timeout=5).ok
+                # ours (not another test's server that took the port): the key and the models
+                models = requests.get(f"{base}/v1/models", auth=("u", KEY), timeout=5)
+                ok = ok and models.ok and len(models.json()["data"]) == 2
                 if ok:
                     break
             except (requests.ConnectionError, requests.Timeout):
