@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import time
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -23,8 +22,9 @@ from trt_sd.models import (
 from trt_sd.models.descriptors import UNET, VAE_DECODER, VAE_ENCODER
 
 from . import engine_dir
+from .build_context import BuildContext
 from .checkpoint import TOKENIZER_FILES, Checkpoint, locate
-from .component_build import attention_revision, build_component, trt_settings
+from .component_build import build_component
 from .options import ExportOptions, resolve_options
 from .partition import build_unet_sections, resolve_unet_cut
 
@@ -76,6 +76,9 @@ def export_model(
     trt_version_compatible: bool = False,
     trt_hardware_compatible: str = "none",
     trt_static_shapes: bool = False,
+    trt_compute_capabilities: str | tuple[str, ...] | list[str] | None = None,
+    trt_runtime_cache: str | os.PathLike[str] | None = None,
+    trt_refittable: bool = False,
     int8: Any = None,
     split_unet: int | None = None,
     deepcache: int | None = None,
@@ -88,7 +91,11 @@ def export_model(
     supplying configs and tokenizer for a single-file checkpoint. With the TensorRT backend
     each verified ONNX graph is also built into an engine (``trt_*``: builder optimisation
     level, version / hardware compatibility ``none|ampere+|same-cc``, static shapes for CUDA
-    graphs; see :mod:`trt_sd.export.tensorrt_build`). Components whose inputs are
+    graphs; see :mod:`trt_sd.export.tensorrt_build`). ``backend="tensorrt-rtx"`` builds
+    TensorRT-RTX engines ahead of time (no GPU needed) for ``trt_compute_capabilities``
+    (``"8.6,8.9"``; default: every target TensorRT-RTX supports); ``trt_runtime_cache`` is
+    where the runtime keeps its JIT cache (relative paths are inside the engine directory);
+    ``trt_refittable`` builds engines whose weights can be refit. Components whose inputs are
     unchanged since the last export to ``out_dir`` are reused. ``int8`` (precision ``int8``
     only) is a :class:`trt_sd.export.int8.Int8Recipe` or a dict of its fields (calibration
     prompts / size / steps, calibrator, QAT, Q/DQ flavour, ...). ``split_unet=N`` exports the
@@ -112,6 +119,9 @@ def export_model(
         trt_version_compatible=trt_version_compatible,
         trt_hardware_compatible=trt_hardware_compatible,
         trt_static_shapes=trt_static_shapes,
+        trt_compute_capabilities=trt_compute_capabilities,
+        trt_runtime_cache=None if trt_runtime_cache is None else str(trt_runtime_cache),
+        trt_refittable=trt_refittable,
     )
     shapes = ShapeRange(opts.batch, opts.height, opts.width, ckpt.vae_scale_factor)
     int8_recipe = _int8_recipe(int8, opts, ckpt, shapes)
@@ -121,7 +131,19 @@ def export_model(
     engine_dir.remove_stale_builds(out)
     build = engine_dir.new_build_dir(out)
     try:
-        _Builder(ckpt, opts, shapes, out, build, progress, int8_recipe, unet_cut).run()
+        ctx = BuildContext(
+            ckpt=ckpt,
+            opts=opts,
+            shapes=shapes,
+            out=out,
+            build=build,
+            progress=progress,
+            precisions=component_precisions(opts, ckpt.family_spec.component_names),
+            tools=tool_versions(),
+            previous=engine_dir.previous_manifest(out),
+            int8=int8_recipe,
+        )
+        _run(ctx, unet_cut)
         engine_dir.publish(build, out)
     except BaseException:
         engine_dir.discard(build)
@@ -129,136 +151,73 @@ def export_model(
     return Manifest.load(out)
 
 
-class _Builder:
-    """One export run: per component reuse-or-build, then tokenizer files and manifest."""
+def _run(ctx: BuildContext, unet_cut: tuple[int | None, int | None] | None) -> None:
+    """Per component reuse-or-build, then tokenizer files and the manifest (validated before
+    anything is published)."""
+    started = time.perf_counter()
+    family = ctx.ckpt.family_spec
+    components = family.components(ctx.ckpt.dims)
+    entries, reused = {}, []
+    for name in family.component_names:
+        if name == UNET and unet_cut is not None:
+            sections, ctx.unet_records, was_reused = build_unet_sections(ctx, *unet_cut)
+            entries.update(sections)
+            reused += list(sections) if was_reused else []
+            continue
+        key = ctx.cache_key(components[name])
+        entry = ctx.reusable(name, key)
+        if entry is not None:
+            reused.append(name)
+            ctx.log(f"{name}: unchanged, reused from {ctx.out}")
+            if name == UNET and ctx.int8 is not None and ctx.previous is not None:
+                ctx.quantization = ctx.previous.quantization
+        else:
+            entry = build_component(ctx, components[name], key)
+        entries[name] = entry
+    _copy_tokenizer(ctx)
+    raw = _manifest(ctx, entries, reused, time.perf_counter() - started)
+    Manifest.from_dict(raw).write(ctx.build)
 
-    def __init__(
-        self,
-        ckpt: Checkpoint,
-        opts: ExportOptions,
-        shapes: ShapeRange,
-        out: Path,
-        build: Path,
-        progress: bool,
-        int8: Any = None,
-        unet_cut: tuple[int | None, int | None] | None = None,
-    ) -> None:
-        self.ckpt, self.opts, self.shapes = ckpt, opts, shapes
-        self.out, self.build, self.progress = out, build, progress
-        self.int8 = int8  # ResolvedRecipe for precision int8
-        self.quantization: dict[str, Any] | None = None  # set by the INT8 UNet build
-        self.unet_cut = unet_cut  # (split_unet, deepcache branch) when the UNet is cut
-        self.unet_records: dict[str, Any] = {}  # unet_partition / unet_deepcache
-        self.tools = tool_versions()
-        self.precisions = component_precisions(opts, ckpt.family_spec.component_names)
-        self.previous = engine_dir.previous_manifest(out)
-        self._loader: Any = None
 
-    def run(self) -> None:
-        started = time.perf_counter()
-        components = self.ckpt.family_spec.components(self.ckpt.dims)
-        entries, reused = {}, []
-        for name in self.ckpt.family_spec.component_names:
-            if name == UNET and self.unet_cut is not None:
-                sections, self.unet_records, was_reused = build_unet_sections(self, *self.unet_cut)
-                entries.update(sections)
-                reused += list(sections) if was_reused else []
-                continue
-            key = self._cache_key(name)
-            entry = self._reusable(name, key)
-            if entry is not None:
-                reused.append(name)
-                self._log(f"{name}: unchanged, reused from {self.out}")
-                if name == UNET and self.int8 is not None and self.previous is not None:
-                    self.quantization = self.previous.quantization
-            else:
-                entry = build_component(self, components[name], key)
-            entries[name] = entry
-        self._copy_tokenizer()
-        raw = self._manifest(entries, reused, time.perf_counter() - started)
-        Manifest.from_dict(raw).write(self.build)  # validates before anything is published
+def _copy_tokenizer(ctx: BuildContext) -> None:
+    for enc in ctx.ckpt.family_spec.text_encoders:  # one folder per text encoder
+        dst = ctx.build / enc.tokenizer
+        dst.mkdir()
+        for fname in TOKENIZER_FILES:
+            src = ctx.ckpt.config_dir / enc.source_folder / fname
+            if src.is_file():
+                shutil.copyfile(src, dst / fname)
 
-    # ---- reuse ------------------------------------------------------------------------------
-    def _cache_key(self, name: str) -> str:
-        int8 = {"int8": self.int8.to_dict()} if name == UNET and self.int8 is not None else {}
-        return engine_dir.cache_key(
-            {
-                **int8,
-                "weights": self.ckpt.weights_hash(name),
-                "component": name,
-                "precision": self.precisions[name],
-                "opset": self.opts.opset,
-                "backend": self.opts.backend,
-                "fused_attention": attention_revision(self.opts.backend, self.precisions[name]),
-                "tensorrt": trt_settings(self.opts) if self.opts.backend == "tensorrt" else None,
-                "shape_range": self.shapes.to_dict(),
-                "tools": self.tools,
-            }
-        )
 
-    def _reusable(self, name: str, key: str) -> dict[str, Any] | None:
-        if self.previous is None or name not in self.previous.components:
-            return None
-        entry = self.previous.components[name].to_dict()
-        if entry.get("cache_key") != key or not engine_dir.files_intact(self.out, entry):
-            return None
-        for fname, _ in engine_dir.entry_files(entry):
-            engine_dir.link_or_copy(self.out / str(fname), self.build / str(fname))
-        return entry
-
-    # ---- helpers used by build_component ------------------------------------------------------
-    def loader(self) -> Any:
-        """The torch module loader (imports torch on first use)."""
-        if self._loader is None:
-            from .modules import ModuleLoader
-
-            self._loader = ModuleLoader(self.ckpt)
-        return self._loader
-
-    def _log(self, message: str) -> None:
-        if self.progress:
-            from tqdm import tqdm
-
-            tqdm.write(message, file=sys.stderr)
-
-    def _copy_tokenizer(self) -> None:
-        for sub in self.ckpt.tokenizer_entries():  # one folder per text encoder
-            dst = self.build / sub
-            dst.mkdir()
-            for fname in TOKENIZER_FILES:
-                src = self.ckpt.config_dir / sub / fname
-                if src.is_file():
-                    shutil.copyfile(src, dst / fname)
-
-    def _manifest(
-        self, entries: dict[str, dict[str, Any]], reused: list[str], seconds: float
-    ) -> dict[str, Any]:
-        ckpt = self.ckpt
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "model": ckpt.identity(),
-            "tools": self.tools,
-            "components": entries,
-            "scheduler": ckpt.scheduler_config,
-            "prediction_type": ckpt.prediction_type,
-            "vae_scaling_factor": float(ckpt.vae_config.get("scaling_factor", 0.18215)),
-            "dims": ckpt.dims.to_dict(),
-            **ckpt.tokenizer_entries(),  # "tokenizer" (+ "tokenizer_2", ...)
-            "family_config": ckpt.family_config(),
-            "defaults": ckpt.defaults(),
-            "unet_partition": None,
-            **self.unet_records,
-            "quantization": self.quantization,
-            "export": {
-                "precision": self.opts.precision,
-                "vae_fp16": self.opts.vae_fp16,
-                "opset": self.opts.opset,
-                "shape_range": self.shapes.to_dict(),
-                "reused": reused,
-                "seconds": round(seconds, 2),
-            },
-        }
+def _manifest(
+    ctx: BuildContext, entries: dict[str, dict[str, Any]], reused: list[str], seconds: float
+) -> dict[str, Any]:
+    ckpt = ctx.ckpt
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": ckpt.identity(),
+        "tools": ctx.tools,
+        "components": entries,
+        "scheduler": ckpt.scheduler_config,
+        "prediction_type": ckpt.prediction_type,
+        "vae_scaling_factor": float(ckpt.vae_config.get("scaling_factor", 0.18215)),
+        "dims": ckpt.dims.to_dict(),
+        **ckpt.tokenizer_entries(),  # "tokenizer" (+ "tokenizer_2", ...)
+        "family_config": ckpt.family_config(),
+        "defaults": ckpt.defaults(),
+        "unet_partition": None,
+        **ctx.unet_records,
+        "quantization": ctx.quantization,
+        "export": {
+            "precision": ctx.opts.precision,
+            "vae_fp16": ctx.opts.vae_fp16,
+            "opset": ctx.opts.opset,
+            "shape_range": ctx.shapes.to_dict(),
+            "reused": reused,
+            "seconds": round(seconds, 2),
+        },
+    }
 
 
 def _int8_recipe(value: Any, opts: ExportOptions, ckpt: Checkpoint, shapes: ShapeRange) -> Any:

@@ -117,12 +117,19 @@ class Checkpoint:
     def dims(self) -> ModelDims:
         """Sizes from the configs: the family's text encoders in order (the second one's
         hidden and projection sizes where there is one), the UNet's text-time conditioning."""
+        family = self.family_spec
         encoders = [
-            self.text_configs[self.family_spec.sources[e.component][0]]
-            for e in self.family_spec.text_encoders
+            (e, self.text_configs[family.sources[e.component][0]]) for e in family.text_encoders
         ]
-        second = encoders[1] if len(encoders) > 1 else {}
-        pooled = int(second.get("projection_dim", 0)) if second else 0
+        second = encoders[1][1] if len(encoders) > 1 else {}
+        pooled = next(  # the projected pooled embedding comes from a *WithProjection encoder
+            (
+                int(cfg.get("projection_dim", 0))
+                for e, cfg in encoders
+                if family.sources[e.component][1] == "clip_text_projection"
+            ),
+            0,
+        )
         u = self.unet_config
         time_ids = 0
         if u.get("addition_embed_type") == "text_time":
@@ -270,7 +277,8 @@ def _read_configs(config_dir: Path) -> dict[str, Any]:
     if first is None:
         raise _refuse_family(config_dir, index)
     configs = {
-        "index": {k: index[k] for k in present} | {"_class_name": index.get("_class_name")},
+        "index": {k: index[k] for k in present}
+        | {k: v for k, v in index.items() if not isinstance(v, list)},  # settings, class name
         "unet": _read_config(config_dir, "unet", "config.json", "UNet config"),
         "text_encoder": _read_config(config_dir, first, "config.json", "text config"),
         "scheduler": _read_config(
@@ -284,7 +292,7 @@ def _read_configs(config_dir: Path) -> dict[str, Any]:
     for enc in family.text_encoders:
         sub = family.sources[enc.component][0]
         text_configs[sub] = _read_config(config_dir, sub, "config.json", f"{sub} config")
-        tokenizer_configs[enc.tokenizer] = _tokenizer_settings(config_dir, enc.tokenizer)
+        tokenizer_configs[enc.tokenizer] = _tokenizer_settings(config_dir, enc.source_folder)
     return {
         "unet_config": configs["unet"],
         "vae_config": _read_config(config_dir, "vae", "config.json", "VAE config"),

@@ -27,7 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--precision", default="fp32", help="fp32 | fp16 | int8 (default fp32)")
     parser.add_argument(
-        "--backend", default="auto", help="auto | onnxruntime | tensorrt (default auto)"
+        "--backend",
+        default="auto",
+        help="auto | onnxruntime | tensorrt | tensorrt-rtx (default auto: TensorRT where a GPU "
+        "and TensorRT are here, else onnxruntime; tensorrt-rtx builds on any machine)",
     )
     parser.add_argument(
         "--height", default=None, help="H, MIN:MAX or MIN:OPT:MAX pixels (default: native)"
@@ -51,14 +54,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="for a single .safetensors file: local diffusers folder with its configs and "
         "tokenizer",
     )
-    trt = parser.add_argument_group("TensorRT (with --backend tensorrt)")
+    trt = parser.add_argument_group("TensorRT (with --backend tensorrt or tensorrt-rtx)")
     trt.add_argument(
         "--trt-opt-level", type=int, default=3, help="builder optimisation level 0-5 (default 3)"
     )
     trt.add_argument(
         "--version-compatible",
         action="store_true",
-        help="engines that load on later TensorRT 10.x runtimes (slightly slower)",
+        help="engines that load on later runtimes of the same major version (slightly slower)",
     )
     trt.add_argument(
         "--hardware-compatible",
@@ -69,6 +72,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--static-shapes",
         action="store_true",
         help="fix every shape at its optimum so the runtime can capture CUDA graphs",
+    )
+    trt.add_argument(
+        "--refittable",
+        action="store_true",
+        help="engines whose weights can be refit after load (LoRA); slightly larger",
+    )
+    rtx = parser.add_argument_group("TensorRT-RTX (with --backend tensorrt-rtx)")
+    rtx.add_argument(
+        "--compute-capability",
+        default=None,
+        metavar="LIST",
+        help="GPU targets, e.g. 8.6,8.9 or 120 (default: all that TensorRT-RTX supports)",
+    )
+    rtx.add_argument(
+        "--runtime-cache",
+        default=None,
+        metavar="PATH",
+        help="where the runtime keeps TensorRT-RTX's JIT cache (relative: inside the engine "
+        "directory; default ~/.cache/trt-sd/tensorrt-rtx/runtime-cache)",
     )
     add_int8_arguments(parser)
     unet = parser.add_argument_group("UNet sections")
@@ -114,6 +136,9 @@ def main(args: argparse.Namespace) -> int:
         trt_version_compatible=args.version_compatible,
         trt_hardware_compatible=args.hardware_compatible,
         trt_static_shapes=args.static_shapes,
+        trt_compute_capabilities=args.compute_capability,
+        trt_runtime_cache=args.runtime_cache,
+        trt_refittable=args.refittable,
         int8=int8_options(args),
         split_unet=args.split_unet,
         deepcache=args.deepcache,
@@ -142,7 +167,8 @@ def summary_table(manifest: Manifest) -> str:
         err = f"{v['max_rel_error']:.1e}" if "max_rel_error" in v else "-"
         seconds = entry.extra.get("export_seconds")
         when = "reused" if name in reused else (f"{seconds:.1f} s" if seconds is not None else "-")
-        rows.append((name, entry.precision, _size(int(entry.extra.get("bytes", 0))), err, when))
+        size = int(entry.extra.get("engine_bytes", entry.extra.get("bytes", 0)))  # engine if built
+        rows.append((name, entry.precision, _size(size), err, when))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

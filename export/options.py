@@ -12,7 +12,9 @@ from typing import Any
 from trt_sd.models import BackendUnavailableError, InputError, Range
 from trt_sd.models.manifest import PRECISIONS
 
-BACKEND_CHOICES = ("auto", "onnxruntime", "tensorrt")
+BACKEND_CHOICES = ("auto", "onnxruntime", "tensorrt", "tensorrt-rtx")
+#: Backends whose export ends in TensorRT engines (``tensorrt_build``), one flavour each.
+TENSORRT_BACKENDS = ("tensorrt", "tensorrt-rtx")
 #: Pixel sizes must be multiples of this whatever the VAE factor (SD's VAE downsamples 8x).
 PIXEL_MULTIPLE = 8
 #: Lowest opset: LayerNormalization is a single op from 17 on (TensorRT maps it to its
@@ -39,6 +41,17 @@ class ExportOptions:
     trt_version_compatible: bool = False
     trt_hardware_compatible: str = "none"
     trt_static_shapes: bool = False
+    #: TensorRT-RTX only: build targets ("8.6", ...; empty = all it supports) and where the
+    #: runtime keeps its JIT (runtime) cache (None = the per-user default).
+    trt_compute_capabilities: tuple[str, ...] = ()
+    trt_runtime_cache: str | None = None
+    #: Engines whose weights can be refit after load (LoRA).
+    trt_refittable: bool = False
+
+    @property
+    def builds_engines(self) -> bool:
+        """Whether this export builds TensorRT engines (either flavour)."""
+        return self.backend in TENSORRT_BACKENDS
 
 
 def _range(value: str | int | Range, what: str, multiple_of: int) -> Range:
@@ -48,11 +61,17 @@ def _range(value: str | int | Range, what: str, multiple_of: int) -> Range:
 
 
 def resolve_backend(backend: str) -> str:
-    """Map ``auto`` to a concrete backend and check that the requested one is usable here."""
+    """Map ``auto`` to a concrete backend and check that the requested one is usable here.
+
+    ``auto`` never picks TensorRT-RTX: it builds anywhere, but its engines run only on an
+    RTX-class GPU, so it must be asked for."""
     if backend not in BACKEND_CHOICES:
         raise InputError(f"unknown backend {backend!r}; choose from {', '.join(BACKEND_CHOICES)}")
-    from .tensorrt_build import compute_capability, require_tensorrt
+    from .tensorrt_build import RTX, compute_capability, require_tensorrt
 
+    if backend == RTX:
+        require_tensorrt(RTX)  # raises with install instructions; no GPU needed to build
+        return RTX
     if backend == "tensorrt":
         require_tensorrt()  # raises with install instructions where TensorRT is absent
         compute_capability()  # and says so where there is no GPU to build for
@@ -82,6 +101,9 @@ def resolve_options(
     trt_version_compatible: bool = False,
     trt_hardware_compatible: str = "none",
     trt_static_shapes: bool = False,
+    trt_compute_capabilities: str | tuple[str, ...] | list[str] | None = None,
+    trt_runtime_cache: str | None = None,
+    trt_refittable: bool = False,
 ) -> ExportOptions:
     """Check every option; ``height`` / ``width`` default to the model's native size."""
     if precision not in PRECISIONS:
@@ -101,9 +123,40 @@ def resolve_options(
         trt_version_compatible=bool(trt_version_compatible),
         trt_hardware_compatible=trt_hardware_compatible,
         trt_static_shapes=bool(trt_static_shapes),
+        trt_compute_capabilities=_targets(trt_compute_capabilities, backend),
+        trt_runtime_cache=None if trt_runtime_cache is None else str(trt_runtime_cache),
+        trt_refittable=bool(trt_refittable),
     )
+    if opts.trt_refittable and opts.backend == "tensorrt-rtx":
+        from .trt_targets import has_gpu
+
+        if not has_gpu():
+            # Measured with TensorRT-RTX 1.7.1: a REFIT build JIT-compiles on the GPU and fails
+            # without one ("MyelinCheckException: graph_jit.cpp:278: CHECK(status ==
+            # CUDA_SUCCESS) failed"); plain builds need no GPU.
+            raise BackendUnavailableError(
+                "--refittable TensorRT-RTX engines can only be built where a GPU is present "
+                "(TensorRT-RTX compiles refittable graphs on it); build without --refittable "
+                "or on the GPU machine"
+            )
+    if opts.trt_runtime_cache is not None and opts.backend != "tensorrt-rtx":
+        raise InputError("--runtime-cache is a TensorRT-RTX option; use --backend tensorrt-rtx")
     trt_build_options(opts, precision)  # validates the TensorRT settings whatever the backend
     return opts
+
+
+def _targets(value: str | tuple[str, ...] | list[str] | None, backend: str) -> tuple[str, ...]:
+    """TensorRT-RTX build targets, checked against what the installed TensorRT-RTX offers
+    (``()`` = all of them)."""
+    if value is None or value == "all" or not value:
+        return ()
+    if backend != "tensorrt-rtx":
+        raise InputError("--compute-capability needs --backend tensorrt-rtx")
+    from trt_sd.models.tensorrt_check import import_tensorrt
+
+    from .trt_targets import resolve_rtx_targets
+
+    return resolve_rtx_targets(import_tensorrt("tensorrt-rtx"), value)
 
 
 def trt_build_options(opts: ExportOptions, precision: str) -> Any:
@@ -117,4 +170,7 @@ def trt_build_options(opts: ExportOptions, precision: str) -> Any:
         version_compatible=opts.trt_version_compatible,
         hardware_compatible=opts.trt_hardware_compatible,
         static_shapes=opts.trt_static_shapes,
+        flavour="tensorrt-rtx" if opts.backend == "tensorrt-rtx" else "tensorrt",
+        compute_capabilities=opts.trt_compute_capabilities,
+        refittable=opts.trt_refittable,
     )

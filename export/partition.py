@@ -30,7 +30,9 @@ from trt_sd.models.unet_plans import DeepCachePlan, UNetPartition, check_split_c
 from trt_sd.models.unet_stages import UNetLayout
 
 from . import engine_dir
-from .checkpoint import sha256_file
+from .build_context import BuildContext, fuses_attention
+from .engine_build import build_tensorrt_engine
+from .stage_bar import StageBar
 
 #: Manifest keys of the two plans.
 PARTITION_KEY = "unet_partition"
@@ -64,7 +66,7 @@ def check_unet_cut(split_unet: Any, deepcache: Any, precision: str, layout: UNet
         DeepCachePlan(layout, deepcache)
 
 
-def _opt_feeds(builder: Any, component: Component) -> dict[str, np.ndarray]:
+def _opt_feeds(builder: BuildContext, component: Component) -> dict[str, np.ndarray]:
     """One row of random UNet inputs at the optimum latent size (what FLOPs are counted on)."""
     from .verify import axis_sizes
 
@@ -74,7 +76,7 @@ def _opt_feeds(builder: Any, component: Component) -> dict[str, np.ndarray]:
 
 
 def _random_unet_inputs(
-    builder: Any, component: Component, sizes: dict[str, int], rng: np.random.Generator
+    builder: BuildContext, component: Component, sizes: dict[str, int], rng: np.random.Generator
 ) -> dict[str, np.ndarray]:
     from .verify import random_inputs
 
@@ -89,7 +91,9 @@ def _random_unet_inputs(
     )
 
 
-def plan_sections(builder: Any, split_unet: int | None, deepcache: int | None) -> SectionPlan:
+def plan_sections(
+    builder: BuildContext, split_unet: int | None, deepcache: int | None
+) -> SectionPlan:
     """The sections of this export (loads the torch UNet only to count FLOPs of a new split)."""
     layout = _layout(builder.ckpt)
     if deepcache is not None:
@@ -122,42 +126,30 @@ def plan_sections(builder: Any, split_unet: int | None, deepcache: int | None) -
     return SectionPlan(PARTITION_KEY, record, sections, layout, unet)
 
 
-def section_key(builder: Any, component: Component, plan: SectionPlan) -> str:
+def section_key(ctx: BuildContext, component: Component, plan: SectionPlan) -> str:
     """Cache key of one section graph: the usual component inputs plus the section's I/O."""
-    from .component_build import attention_revision, trt_settings
-
-    opts = builder.opts
-    return engine_dir.cache_key(
-        {
-            "weights": builder.ckpt.weights_hash(UNET),
-            "component": component.name,
-            "section": [component.input_names, component.output_names],
-            "layers": [plan.layout.layers[i].name for s in plan.sections for i in s[1]],
-            "precision": builder.precisions[UNET],
-            "opset": opts.opset,
-            "backend": opts.backend,
-            "fused_attention": attention_revision(opts.backend, builder.precisions[UNET]),
-            "tensorrt": trt_settings(opts) if opts.backend == "tensorrt" else None,
-            "shape_range": builder.shapes.to_dict(),
-            "tools": builder.tools,
-        }
-    )
+    section = {
+        "section": [component.input_names, component.output_names],
+        "layers": [plan.layout.layers[i].name for s in plan.sections for i in s[1]],
+    }
+    return ctx.cache_key(component, section)
 
 
-def build_sections(builder: Any, plan: SectionPlan) -> tuple[dict[str, dict[str, Any]], bool]:
+def build_sections(
+    builder: BuildContext, plan: SectionPlan
+) -> tuple[dict[str, dict[str, Any]], bool]:
     """Manifest entries of every section (reused when all are unchanged); ``True`` if reused."""
     keys = {comp.name: section_key(builder, comp, plan) for comp, _ in plan.sections}
-    reused = {name: builder._reusable(name, key) for name, key in keys.items()}
+    reused = {name: builder.reusable(name, key) for name, key in keys.items()}
     if all(entry is not None for entry in reused.values()):
         return {name: dict(e) for name, e in reused.items() if e is not None}, True
     return _export_sections(builder, plan, keys), False
 
 
 def _export_sections(
-    builder: Any, plan: SectionPlan, keys: dict[str, str]
+    builder: BuildContext, plan: SectionPlan, keys: dict[str, str]
 ) -> dict[str, dict[str, Any]]:
-    from .component_build import StageBar, fuses_attention
-    from .onnx_export import export_onnx, trace_sizes
+    from .onnx_export import EXPORTER, export_onnx, trace_sizes
     from .ort_attention import fuse_attention_file
     from .unet_sections import UNetSection, check_supported, torch_env
     from .verify import verification_sizes
@@ -169,10 +161,10 @@ def _export_sections(
     labels = ("load", "torch", *(f"export{k}" for k in range(len(plan.sections))), "verify")
 
     class SectionStages(StageBar):
-        STAGES = labels  # type: ignore[assignment]  # more stages than a single graph has
+        STAGES = labels  # more stages than a single graph has
 
     label = f"unet x{len(plan.sections)}"
-    bar = SectionStages(label, builder.progress, engine=opts.backend == "tensorrt")
+    bar = SectionStages(label, builder.progress, engine=opts.builds_engines)
     t0 = time.perf_counter()
     bar.stage("load")
     unet = plan.unet if plan.unet is not None else builder.loader().wrapper(UNET).unet
@@ -211,14 +203,10 @@ def _export_sections(
     )
     entries = {}
     for comp, _ in plan.sections:
-        entry = _entry(builder, comp, paths[comp.name], precision, records[comp.name])
-        entry["cache_key"] = keys[comp.name]
-        if fused.get(comp.name):
-            entry["fused_attention"] = fused[comp.name]
-        entries[comp.name] = entry
-    if opts.backend == "tensorrt":
-        from .component_build import build_tensorrt_engine
-
+        extra = {"fused_attention": fused[comp.name]} if fused.get(comp.name) else {}
+        path, record, key = paths[comp.name], records[comp.name], keys[comp.name]
+        entries[comp.name] = builder.entry(comp, path, precision, record, key, EXPORTER, **extra)
+    if opts.builds_engines:
         bar.stage("engine")
         for comp, _ in plan.sections:
             entries[comp.name].update(
@@ -302,31 +290,6 @@ def _as(value: np.ndarray, spec: Any, precision: str) -> np.ndarray:
     return np.ascontiguousarray(value, dtype=spec.resolved_dtype(precision))
 
 
-def _entry(
-    builder: Any, comp: Component, path: Path, precision: str, record: dict[str, Any]
-) -> dict[str, Any]:
-    from .onnx_export import EXPORTER, external_data_name
-
-    entry: dict[str, Any] = {
-        "file": path.name,
-        "sha256": sha256_file(path),
-        "backend": builder.opts.backend,
-        "precision": precision,
-        "inputs": [t.to_dict(precision) for t in comp.inputs],
-        "outputs": [t.to_dict(precision) for t in comp.outputs],
-        "shape_range": builder.shapes.to_dict(),
-        "verification": record,
-        "opset": builder.opts.opset,
-        "exporter": EXPORTER,
-        "bytes": path.stat().st_size,
-    }
-    ext = path.parent / external_data_name(path)
-    if ext.is_file():
-        entry["external_data"] = {"file": ext.name, "sha256": sha256_file(ext)}
-        entry["bytes"] += ext.stat().st_size
-    return entry
-
-
 def _layout(ckpt: Any) -> UNetLayout:
     """The layer list of the checkpoint's UNet, its inputs those of the family's UNet."""
     base = ckpt.family_spec.components(ckpt.dims)[UNET]
@@ -352,11 +315,11 @@ def resolve_unet_cut(
 
 
 def build_unet_sections(
-    builder: Any, split_unet: int | None, deepcache: int | None
+    builder: BuildContext, split_unet: int | None, deepcache: int | None
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any], bool]:
     """(manifest entries, manifest records, reused?) of the UNet sections of an export."""
     plan = plan_sections(builder, split_unet, deepcache)
     entries, reused = build_sections(builder, plan)
     if reused:
-        builder._log(f"{', '.join(entries)}: unchanged, reused from {builder.out}")
+        builder.log(f"{', '.join(entries)}: unchanged, reused from {builder.out}")
     return entries, {plan.record_key: plan.record}, reused

@@ -1,27 +1,27 @@
-"""TensorRT engine builder: component ONNX -> serialized engine (``.plan``).
+"""TensorRT engine builder: component ONNX -> serialized engine (``.plan``), one code path for
+TensorRT 10.8+ / 11.x (``tensorrt``) and TensorRT-RTX 1.x (``tensorrt_rtx``).
 
-Written against the TensorRT 10 Python API and type-checked with mypy over the
-``tensorrt-stubs`` package (``scripts/install_tensorrt_stubs.py``); TensorRT itself is imported
-lazily, so this module (and its pure parts: profiles, cache keys, file names) imports and is
-unit-tested where TensorRT is absent.
+TensorRT is imported lazily, so this module (and its pure parts: profiles, cache keys, file
+names) imports and is unit-tested where TensorRT is absent. CI type-checks it twice with mypy:
+against the TensorRT 10 stubs and, with ``--always-true TRT_RTX_TYPES``, against stubs generated
+from the installed TensorRT-RTX bindings (``scripts/generate_tensorrt_rtx_stubs.py``).
 
 Decisions, and why:
 
-* **Profiles come from the component descriptors** (``Component.profile(ShapeRange)``): the
-  builder never names a tensor itself. ``static_shapes`` collapses min/opt/max to opt so the
-  runtime can capture the engine in a CUDA graph.
-* **Strongly typed networks for Q/DQ (int8) graphs.** TensorRT 10 deprecates implicit INT8
-  calibration; an explicit Q/DQ graph built strongly typed runs exactly the precisions the
-  graph says. fp16 graphs exported with fp16 weights are also built strongly typed (the ONNX
-  types already say which ops stay fp32); an fp32 ONNX asked to become fp16 uses the FP16 flag
-  (weakly typed: TensorRT may choose fp16 kernels where it sees fit).
-* **Engine cache keyed by content**: ONNX sha256 + TensorRT version + GPU compute capability +
-  profile + build options. A path that merely exists is never trusted.
-* **Timing cache persisted** next to the engine cache and merged after every build, so a
-  second build (another resolution range, another component sharing layer shapes) skips most
-  tactic timing.
-* **Direct API rather than polygraphy**: the build is ~40 lines here and stays visible to
-  mypy; polygraphy's loaders would hide the same calls behind untyped wrappers.
+* **Strongly typed only.** TensorRT 11 removed weak typing (``BuilderFlag.FP16`` / ``INT8``,
+  calibrators, precision constraints, ``platform_has_fast_*``) and TensorRT-RTX never had it.
+  Precision therefore comes from the ONNX graph: fp16 engines from fp16 graphs (the fp32
+  islands the export keeps stay fp32), int8 engines from explicit Q/DQ graphs, fp32 from fp32.
+  ``tests/test_tensorrt_api.py`` fails if a removed name appears anywhere in our code.
+* **Profiles come from the component descriptors** (``Component.profile(ShapeRange)``); the
+  builder never names a tensor itself, and refuses a parsed network whose inputs, outputs or
+  dtypes differ from the descriptor. What the parsed network declared (names, dtypes, shapes,
+  the profile set on it) is returned as ``network_io`` and recorded in the manifest, so tests
+  and users can check it without deserializing the engine (which needs a GPU).
+* **Engine cache keyed by content**: ONNX sha256 + flavour + version + target GPUs (the local
+  compute capability for TensorRT, the target list for TensorRT-RTX) + profile + options.
+* **Timing cache persisted** per flavour next to the engine cache and merged after each build.
+* **Direct API rather than polygraphy**: the build stays visible to mypy.
 """
 
 from __future__ import annotations
@@ -29,31 +29,61 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, cast
 
 from trt_sd.models.descriptors import Component, Shape, ShapeRange
-from trt_sd.models.errors import BackendUnavailableError, InputError, TrtSdError
-from trt_sd.models.tensorrt_check import import_tensorrt
+from trt_sd.models.errors import InputError, TrtSdError
+from trt_sd.models.tensorrt_check import FLAVOURS, import_tensorrt
 
+from .trt_targets import compute_capability, resolve_rtx_targets, set_rtx_targets
+
+#: mypy: ``--always-true TRT_RTX_TYPES`` checks this module against the TensorRT-RTX bindings.
+TRT_RTX_TYPES = False
 if TYPE_CHECKING:
-    import tensorrt as trt
+    from typing_extensions import Buffer
+
+    if TRT_RTX_TYPES:
+        import tensorrt_rtx as trt
+    else:
+        import tensorrt as trt
 
 HARDWARE_LEVELS = ("none", "ampere+", "same-cc")
+#: Manifest / CLI name of the TensorRT-RTX flavour.
+RTX = "tensorrt-rtx"
+
+__all__ = [
+    "RTX",
+    "BuildOptions",
+    "BuildResult",
+    "build_engine",
+    "compute_capability",
+    "engine_cache_key",
+    "engine_file_name",
+    "engine_profile",
+    "file_sha256",
+    "require_tensorrt",
+]
 
 
 @dataclass(frozen=True)
 class BuildOptions:
     """What changes the engine TensorRT produces (and therefore its cache key)."""
 
-    precision: str = "fp16"  # fp32 | fp16 | int8 (int8 = a Q/DQ ONNX, built strongly typed)
+    precision: str = "fp16"  # fp32 | fp16 | int8: what the ONNX graph holds (strongly typed)
     optimization_level: int = 3  # 0..5; 3 is TensorRT's default, 5 searches longest
-    version_compatible: bool = False  # engine loads on later TensorRT 10.x runtimes
-    hardware_compatible: str = "none"  # none | ampere+ | same-cc
+    version_compatible: bool = False  # engine loads on later runtimes of the same major version
+    hardware_compatible: str = "none"  # none | ampere+ | same-cc (TensorRT only)
     static_shapes: bool = False  # min = opt = max, for CUDA graph capture
     workspace_mib: int | None = None  # cap on tactic scratch memory; None = TensorRT's default
+    flavour: str = "tensorrt"  # tensorrt | tensorrt-rtx
+    #: TensorRT-RTX build targets ("8.6", ...); empty = every one it supports.
+    compute_capabilities: tuple[str, ...] = field(default=())
+    refittable: bool = False  # weights can be refit after load (LoRA)
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "fp16", "int8"):
@@ -67,10 +97,18 @@ class BuildOptions:
                 f"hardware compatibility must be one of {', '.join(HARDWARE_LEVELS)}, "
                 f"got {self.hardware_compatible!r}"
             )
-
-    @property
-    def strongly_typed(self) -> bool:
-        return self.precision == "int8"
+        if self.flavour not in FLAVOURS:
+            raise InputError(f"TensorRT flavour must be one of {', '.join(FLAVOURS)}")
+        if self.flavour == RTX and self.hardware_compatible != "none":
+            raise InputError(
+                "--hardware-compatible is a TensorRT option; TensorRT-RTX engines target the "
+                "compute capabilities given by --compute-capability"
+            )
+        if self.flavour != RTX and self.compute_capabilities:
+            raise InputError(
+                "--compute-capability needs --backend tensorrt-rtx (TensorRT builds for the "
+                "GPU it runs on)"
+            )
 
 
 @dataclass(frozen=True)
@@ -84,7 +122,10 @@ class BuildResult:
     seconds: float
     size_bytes: int
     tensorrt_version: str
+    #: The GPU the engine was built on (TensorRT) or its targets joined by "," (TensorRT-RTX).
     compute_capability: str
+    flavour: str = "tensorrt"
+    network_io: dict[str, Any] = field(default_factory=dict)
 
 
 def engine_profile(
@@ -104,7 +145,8 @@ def engine_cache_key(
     profile: dict[str, tuple[Shape, Shape, Shape]],
     options: BuildOptions,
 ) -> str:
-    """Content key of an engine: everything that changes what TensorRT would build."""
+    """Content key of an engine: everything that changes what TensorRT would build (the
+    flavour is part of ``options``)."""
     payload = {
         "onnx": onnx_sha256,
         "tensorrt": tensorrt_version,
@@ -119,9 +161,9 @@ def engine_cache_key(
 def engine_file_name(
     component: str, options: BuildOptions, compute_capability: str, key: str
 ) -> str:
-    """``unet.fp16.sm90.<key12>.plan``: readable, and unique per content key."""
-    sm = compute_capability.replace(".", "")
-    return f"{component}.{options.precision}.sm{sm}.{key[:12]}.plan"
+    """``unet.fp16.sm90.<key12>.plan`` (TensorRT) or ``unet.fp16.rtx.<key12>.plan``."""
+    target = "rtx" if options.flavour == RTX else "sm" + compute_capability.replace(".", "")
+    return f"{component}.{options.precision}.{target}.{key[:12]}.plan"
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -134,28 +176,84 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def require_tensorrt() -> str:
-    """TensorRT's version, or BackendUnavailableError with how to install it."""
-    return str(import_tensorrt().__version__)
+def require_tensorrt(flavour: str = "tensorrt") -> str:
+    """The flavour's version, or BackendUnavailableError with how to install it."""
+    return str(import_tensorrt(flavour).__version__)
 
 
-def compute_capability(device: int = 0) -> str:
-    """``"9.0"`` for an H100: part of the engine cache key (engines are per-architecture)."""
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart  # cuda-python 12.x layout
-        except ImportError:
-            raise BackendUnavailableError(
-                "cuda-python is needed to query the GPU: pip install 'trt-sd[tensorrt]'"
-            ) from None
-    attr = cudart.cudaDeviceAttr
-    err, major = cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMajor, device)
-    err2, minor = cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMinor, device)
-    if int(err) or int(err2):
-        raise BackendUnavailableError(f"no usable CUDA device {device} ({err})")
-    return f"{major}.{minor}"
+def build_targets(options: BuildOptions, device: int = 0) -> str:
+    """What the engine is built for: the local GPU's compute capability (TensorRT; needs a
+    GPU) or the TensorRT-RTX target list (no GPU needed)."""
+    if options.flavour == RTX:
+        module = import_tensorrt(RTX)
+        return ",".join(resolve_rtx_targets(module, options.compute_capabilities))
+    return compute_capability(device)
+
+
+def _network_flags(module: ModuleType) -> int:
+    """STRONGLY_TYPED where the flag exists (10.x needs it; later versions are strongly typed
+    only and may drop the flag)."""
+    flag = getattr(module.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
+
+
+def network_io(
+    flavour: str, network: trt.INetworkDefinition, profile: trt.IOptimizationProfile
+) -> dict[str, Any]:
+    """The parsed network's inputs (name, dtype, declared shape, profile min/opt/max) and
+    outputs (name, dtype, shape): what the engine will expose."""
+    import numpy as np
+
+    if TYPE_CHECKING:  # one code path, type-checked against each flavour's API
+        if TRT_RTX_TYPES:
+            import tensorrt_rtx as trt
+        else:
+            import tensorrt as trt
+    else:
+        trt = import_tensorrt(flavour)
+
+    def dtype_name(dtype: trt.DataType) -> str:
+        return str(np.dtype(trt.nptype(dtype)).name)
+
+    inputs = []
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        shapes = profile.get_shape(tensor.name)
+        inputs.append(
+            {
+                "name": tensor.name,
+                "dtype": dtype_name(tensor.dtype),
+                "shape": _dims(tensor.shape),
+                "profile": [_dims(s) for s in shapes],
+            }
+        )
+    outputs = []
+    for i in range(network.num_outputs):
+        tensor = network.get_output(i)
+        outputs.append(
+            {
+                "name": tensor.name,
+                "dtype": dtype_name(tensor.dtype),
+                "shape": _dims(tensor.shape),
+            }
+        )
+    return {"inputs": inputs, "outputs": outputs}
+
+
+def _dims(dims: trt.Dims) -> list[int]:
+    return [int(dims[i]) for i in range(len(dims))]
+
+
+def check_network_io(io: dict[str, Any], component: Component, precision: str) -> None:
+    """Refuse a network whose I/O differs from the descriptor (names, order-free; dtypes)."""
+    for kind, specs in (("inputs", component.inputs), ("outputs", component.outputs)):
+        got = {t["name"]: t["dtype"] for t in io[kind]}
+        want = {s.name: s.resolved_dtype(precision) for s in specs}
+        if got != want:
+            raise TrtSdError(
+                f"{component.name}: the parsed network's {kind} {got} differ from the "
+                f"descriptor's {want}"
+            )
 
 
 def _configure(
@@ -164,21 +262,29 @@ def _configure(
     profile: dict[str, tuple[Shape, Shape, Shape]],
     options: BuildOptions,
     timing_cache: bytes,
-) -> trt.IBuilderConfig:
-    import tensorrt as trt
-
+) -> tuple[trt.IBuilderConfig, trt.IOptimizationProfile]:
+    if TYPE_CHECKING:  # one code path, type-checked against each flavour's API
+        if TRT_RTX_TYPES:
+            import tensorrt_rtx as trt
+        else:
+            import tensorrt as trt
+    else:
+        trt = import_tensorrt(options.flavour)
     config = builder.create_builder_config()
     config.builder_optimization_level = options.optimization_level
     if options.workspace_mib is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
-    if options.precision == "fp16" and not options.strongly_typed:
-        config.set_flag(trt.BuilderFlag.FP16)
     if options.version_compatible:
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    if options.refittable:
+        config.set_flag(trt.BuilderFlag.REFIT)
     if options.hardware_compatible == "ampere+":
         config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
     elif options.hardware_compatible == "same-cc":
-        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY
+        level = trt.HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY
+        config.hardware_compatibility_level = level
+    if options.flavour == RTX:
+        set_rtx_targets(config, trt, resolve_rtx_targets(trt, options.compute_capabilities))
     opt_profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         name = network.get_input(i).name
@@ -187,9 +293,10 @@ def _configure(
         lo, opt, hi = profile[name]
         opt_profile.set_shape(name, trt.Dims(list(lo)), trt.Dims(list(opt)), trt.Dims(list(hi)))
     config.add_optimization_profile(opt_profile)
-    cache = config.create_timing_cache(timing_cache)
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    return config
+    if options.flavour != RTX:  # TensorRT-RTX times nothing ahead of time (it compiles at load)
+        cache = config.create_timing_cache(timing_cache)
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    return config, opt_profile
 
 
 def build_engine(
@@ -201,50 +308,99 @@ def build_engine(
     device: int = 0,
 ) -> BuildResult:
     """Build (or reuse from ``cache_dir``) the engine of one component's ONNX graph."""
-    trt_version = require_tensorrt()
-    import tensorrt as trt
-
-    cc = compute_capability(device)
+    trt_version = require_tensorrt(options.flavour)
+    if TYPE_CHECKING:  # one code path, type-checked against each flavour's API
+        if TRT_RTX_TYPES:
+            import tensorrt_rtx as trt
+        else:
+            import tensorrt as trt
+    else:
+        trt = import_tensorrt(options.flavour)
+    targets = build_targets(options, device)
     profile = engine_profile(component, shapes, options.static_shapes)
-    key = engine_cache_key(file_sha256(onnx_path), trt_version, cc, profile, options)
+    key = engine_cache_key(file_sha256(onnx_path), trt_version, targets, profile, options)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    engine = cache_dir / engine_file_name(component.name, options, cc, key)
-    if engine.is_file() and (cache_dir / (engine.name + ".json")).is_file():
+    engine = cache_dir / engine_file_name(component.name, options, targets, key)
+    log_path = cache_dir / (engine.name + ".json")
+    if engine.is_file() and log_path.is_file():
+        logged = json.loads(log_path.read_text())
         return BuildResult(
-            component.name, engine, key, True, 0.0, engine.stat().st_size, trt_version, cc
-        )
+            component.name, engine, key, True, 0.0, engine.stat().st_size, trt_version,
+            targets, options.flavour, logged.get("network_io", {}),
+        )  # fmt: skip
 
     start = time.perf_counter()
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = _logger(options.flavour)
     builder = trt.Builder(logger)
-    flags = 0
-    if options.strongly_typed:
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
+    network = builder.create_network(_network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise TrtSdError(f"TensorRT could not parse {onnx_path.name}: {errors}")
-    timing_path = cache_dir / "timing.cache"
+        raise TrtSdError(f"{label(options.flavour)} could not parse {onnx_path.name}: {errors}")
+    timing_path = cache_dir / f"timing.{options.flavour}.cache"
     timing = timing_path.read_bytes() if timing_path.is_file() else b""
-    config = _configure(builder, network, profile, options, timing)
+    config, opt_profile = _configure(builder, network, profile, options, timing)
+    io = network_io(options.flavour, network, opt_profile)
+    check_network_io(io, component, options.precision)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise TrtSdError(f"TensorRT failed to build the {component.name} engine (see log above)")
-    _atomic_write(engine, memoryview(serialized))
-    _atomic_write(timing_path, memoryview(config.get_timing_cache().serialize()))
+        errors = "; ".join(getattr(logger, "errors", [])) or "see the log above"
+        raise TrtSdError(
+            f"{label(options.flavour)} could not build the {component.name} engine: {errors}"
+        )
+    _atomic_write(engine, _buffer(serialized))
+    if options.flavour != RTX:
+        _atomic_write(timing_path, _buffer(config.get_timing_cache().serialize()))
     seconds = time.perf_counter() - start
     result = BuildResult(
-        component.name, engine, key, False, seconds, engine.stat().st_size, trt_version, cc
-    )
-    log = {
-        **asdict(result),
-        "engine": engine.name,
-        "options": asdict(options),
-        "profile": {k: [list(s) for s in v] for k, v in profile.items()},
-    }
-    _atomic_write(cache_dir / (engine.name + ".json"), json.dumps(log, indent=2).encode())
+        component.name, engine, key, False, seconds, engine.stat().st_size, trt_version,
+        targets, options.flavour, io,
+    )  # fmt: skip
+    log = {**asdict(result), "engine": engine.name, "options": asdict(options)}
+    _atomic_write(log_path, json.dumps(log, indent=2).encode())
     return result
+
+
+#: What TensorRT-RTX logs on every build on a machine without a GPU driver (it builds fine):
+#: not shown, and not taken for the reason of a failed build.
+CPU_NOISE = ("cudaError 35", "CUDA driver version is insufficient", "timing cache")
+
+
+def label(flavour: str) -> str:
+    return "TensorRT-RTX" if flavour == RTX else "TensorRT"
+
+
+def _logger(flavour: str) -> trt.ILogger:
+    """A logger that prints warnings like TensorRT's own and keeps the error messages, so a
+    failed build raises with TensorRT's reason instead of 'see the log above'."""
+    if TYPE_CHECKING:  # one code path, type-checked against each flavour's API
+        if TRT_RTX_TYPES:
+            import tensorrt_rtx as trt
+        else:
+            import tensorrt as trt
+    else:
+        trt = import_tensorrt(flavour)
+
+    class Collecting(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
+            if any(noise in msg for noise in CPU_NOISE):
+                return
+            if severity <= trt.ILogger.Severity.ERROR:
+                self.errors.append(msg)
+            if severity <= trt.ILogger.Severity.WARNING:
+                print(f"[{label(flavour)}] {msg}", file=sys.stderr)
+
+    return Collecting()
+
+
+def _buffer(memory: trt.IHostMemory) -> memoryview:
+    """IHostMemory implements the buffer protocol; the stubs generated from the TensorRT-RTX
+    bindings do not declare it (pybind11 buffers carry no signature)."""
+    return memoryview(cast("Buffer", memory))
 
 
 def _atomic_write(path: Path, data: bytes | memoryview) -> None:

@@ -24,7 +24,7 @@ from .families import FamilySpec, family_of
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 PRECISIONS = ("fp32", "fp16", "int8")
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 #: Components every SD 1.x / 2.x engine directory must have (the VAE encoder, for img2img, is
 #: optional); each family lists its own (:attr:`trt_sd.models.families.FamilySpec.required`).

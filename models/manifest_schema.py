@@ -110,9 +110,12 @@ COMPONENT_FIELDS: dict[str, Field] = {
 }
 
 _DIM_NAMES = ("text_hidden_size", "unet_in_channels", "unet_out_channels", "latent_channels")
+_SDXL_DIMS = ("text_hidden_size_2", "text_pooled_size", "time_ids_size")
 DIMS = obj(
     {
         **{k: opt(integer(1, MAX_DIM)) for k in (*_DIM_NAMES, "image_channels")},
+        # SDXL: the second text encoder, its pooled output and the micro-conditioning ids
+        **{k: opt(integer(0, MAX_DIM)) for k in _SDXL_DIMS},
         "text_max_length": opt(integer(3, 4096)),
         "vae_scale_factor": opt(integer(1, 64)),
     }
@@ -226,6 +229,9 @@ def components(value: Any, where: str) -> None:
         obj(COMPONENT_FIELDS)(entry, f"{where}.{name}")
 
 
+#: the tokenizers of second (third, ...) text encoders: SDXL's ``tokenizer_2``
+EXTRA_TOKENIZERS = ("tokenizer_2",)
+
 #: the top level of ``manifest.json``
 TOP_FIELDS: dict[str, Field] = {
     "schema_version": req(schema_version),
@@ -235,7 +241,10 @@ TOP_FIELDS: dict[str, Field] = {
     "prediction_type": req(string()),
     "vae_scaling_factor": req(number(0, 1000, open_lo=True)),
     "tokenizer": req(TOKENIZER),
+    **{key: opt(nullable(TOKENIZER)) for key in EXTRA_TOKENIZERS},
     "dims": req(DIMS),
+    # the family's pipeline settings (``force_zeros_for_empty_prompt``, ...): flags and numbers
+    "family_config": opt(nullable(obj({}, files=False))),
     "defaults": opt(nullable(DEFAULTS)),
     "unet_partition": opt(nullable(UNET_PARTITION)),
     "unet_deepcache": opt(nullable(UNET_DEEPCACHE)),
@@ -275,7 +284,8 @@ def named_files(raw: Any) -> list[str]:
     if not isinstance(raw, dict):
         return found
     walk(raw["components"] if isinstance(raw.get("components"), dict) else raw)
-    tokenizer = raw.get("tokenizer")
-    if isinstance(tokenizer, dict):
-        found += [tokenizer[k] for k in ("vocab", "merges") if isinstance(tokenizer.get(k), str)]
+    for key in ("tokenizer", *EXTRA_TOKENIZERS):
+        tok = raw.get(key)
+        if isinstance(tok, dict):
+            found += [tok[k] for k in ("vocab", "merges") if isinstance(tok.get(k), str)]
     return list(dict.fromkeys(found))

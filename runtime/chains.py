@@ -21,7 +21,13 @@ from .multidevice import StagedUNet
 
 
 def run_chains(
-    pipe: Any, req: Any, x: np.ndarray, conditioning: dict, timings: dict, progress: Any
+    pipe: Any,
+    req: Any,
+    x: np.ndarray,
+    conditioning: dict,
+    timings: dict,
+    progress: Any,
+    calls: int | None = None,
 ) -> np.ndarray:
     """Denoise the images of a batch as independent chains, one thread each, so a staged
     UNet on several devices has a micro-batch for every device at every moment.
@@ -58,6 +64,8 @@ def run_chains(
                     rows,
                     chain_timings[c],
                     progress if c == 0 else None,
+                    None,
+                    calls,
                 )
         except BaseException as e:  # re-raised in the caller
             results[c] = e

@@ -37,6 +37,7 @@ from .chains import run_chains
 from .conditioning import TextConditioner, load_tokenizers
 from .deepcache import DeepCacheConfig, DeepCacheState, deepcache_components, resolve_deepcache
 from .denoise import DenoiseStep, Lane, check_latents, unet_overflow_hint
+from .handoff import end_calls, prepare_handoff
 from .images import image_size, load_image, to_uint8
 from .multidevice import StagedUNet, place
 from .noise import initial_noise, posterior_sample, sampler_noise_fn
@@ -57,10 +58,13 @@ __all__ = [
 class GenerationResult:
     """What one call produced."""
 
-    images: list[np.ndarray]  # HxWx3 uint8 RGB, one per batch entry
+    images: list[np.ndarray]  # HxWx3 uint8 RGB, one per batch entry (none for latents)
     timings: dict[str, float]  # seconds per component (+ "total")
     unet_calls: int
     params: dict[str, Any] = field(default_factory=dict)  # the resolved request
+    #: the undecoded latents, with ``output_type="latent"`` (a refiner's ``image=``)
+    latents: np.ndarray | None = None
+    latent_space: str = ""  # the family's latent space (see FamilySpec.latent_space)
 
 
 def _check_finite(name: str, value: np.ndarray, detail: str = "", hint: str = "") -> None:
@@ -185,6 +189,9 @@ class Pipeline:
         guidance_rescale: float = 0.0,
         sampler_options: dict[str, Any] | None = None,
         deepcache: Any = None,
+        denoising_end: float | None = None,
+        denoising_start: float | None = None,
+        output_type: str = "image",
         **options: Any,
     ) -> GenerationResult:
         """Generate ``batch`` images. Unset prompt, steps, guidance, height and width come from
@@ -200,8 +207,17 @@ class Pipeline:
         ``options``: the model family's own (SDXL: ``original_size``,
         ``crops_coords_top_left``, ``target_size`` and their ``negative_`` forms, diffusers'
         defaults); InputError for an option the family does not take.
+
+        Base -> refiner hand-off (:mod:`trt_sd.runtime.handoff`): ``denoising_end`` with
+        ``output_type="latent"`` on the base returns ``result.latents``; the refiner takes them
+        as ``image=`` with ``denoising_start``.
         """
         start = time.perf_counter()
+        if output_type not in ("image", "latent"):
+            raise InputError(f"output_type must be 'image' or 'latent', got {output_type!r}")
+        handed, image, height, width, strength = prepare_handoff(
+            self, image, denoising_start, sampler, steps, height, width, strength
+        )
         cache_config = (
             self.deepcache if deepcache is None else resolve_deepcache(self.manifest, deepcache)
         )
@@ -227,7 +243,7 @@ class Pipeline:
             height=height,
             width=width,
             batch=batch,
-            img2img=image is not None,
+            img2img=image is not None or handed is not None,
             strength=strength,
             karras=karras,
             eta=eta,
@@ -239,30 +255,46 @@ class Pipeline:
         timings: dict[str, float] = {}
         stepper = self._stepper(req)
         conditioning = self._encode_text(req, family_options, timings)
-        if init_image is None:
+        if handed is not None:
+            if handed.shape != noise.shape:
+                raise InputError(
+                    f"latents as image must have shape {noise.shape}, got {handed.shape}"
+                )
+            x = handed
+        elif init_image is None:
             x = stepper.prepare_noise(noise)
         else:
             x = stepper.add_noise(self._encode_image(req, init_image, timings), noise)
+        calls = stepper.num_model_calls
+        if denoising_end is not None:
+            calls = end_calls(stepper.timesteps, denoising_end, self.scheduler_config)
         cache = None
         if cache_config is not None:
-            cache = DeepCacheState(cache_config, stepper.num_model_calls, self._cache_feature())
+            cache = DeepCacheState(cache_config, calls, self._cache_feature())
         if isinstance(self.engines[UNET], StagedUNet) and req.batch > 1:
-            x = run_chains(self, req, x, conditioning, timings, progress)
+            x = run_chains(self, req, x, conditioning, timings, progress, calls)
         else:
-            x = self._denoise(req, stepper, x, conditioning, timings, progress, cache)
-        images = self._decode(x, timings)
+            x = self._denoise(req, stepper, x, conditioning, timings, progress, cache, calls)
+        images = self._decode(x, timings) if output_type == "image" else []
         timings["total"] = time.perf_counter() - start
         params = self.result_params(req, family_options)
+        for key, value in (("denoising_end", denoising_end), ("denoising_start", denoising_start)):
+            if value is not None:
+                params[key] = float(value)
         if cache is not None:
             params["deepcache"] = cache.summary()
-        return GenerationResult(images, timings, stepper.num_model_calls, params)
+        latents_out = x if output_type == "latent" else None
+        space = self.family.latent_space
+        return GenerationResult(images, timings, calls, params, latents_out, space)
 
     # ---- building blocks for schedulers that batch many requests (trt_sd.runtime.serve) -----
     def result_params(self, req: Request, options: dict[str, Any] | None = None) -> dict[str, Any]:
         """What a result reports and its PNG embeds: the resolved request + engine identity
         (+ the family options the caller set)."""
         params = req.to_params()
-        params.update({k: list(v) for k, v in (options or {}).items() if v is not None})
+        for key, value in (options or {}).items():
+            if value is not None:  # JSON-friendly: sizes as lists, scores as numbers
+                params[key] = list(value) if isinstance(value, tuple | list) else value
         params.update(
             backend=self.backend,
             model=self.manifest.model.get("name", ""),
@@ -369,7 +401,8 @@ class Pipeline:
         """The UNet can take the text encoder's device tensor as it is: same GPU backend and
         the same dtype on both sides (an fp32 text encoder feeding an fp16 UNet goes through
         the host, where the UNet backend casts it)."""
-        te, unet = self.engines[TEXT_ENCODER], self.engines[UNET]
+        te = self.engines[self.family.text_encoders[0].component]
+        unet = self.engines[UNET]
         te_dtype = te.outputs[0].dtype
         unet_dtype = next(s.dtype for s in unet.inputs if s.name == CONTEXT)
         return te.kind == unet.kind != "onnxruntime-cpu" and te_dtype == unet_dtype
@@ -398,10 +431,12 @@ class Pipeline:
         timings: dict[str, float],
         progress: ProgressArg,
         cache: DeepCacheState | None = None,
+        calls: int | None = None,
     ) -> np.ndarray:
-        """The sampler loop over :class:`DenoiseStep` (one lane: this request's rows)."""
+        """The sampler loop over :class:`DenoiseStep` (one lane: this request's rows);
+        ``calls``: stop after that many model calls (``denoising_end``)."""
         step = self.denoise_step
-        total = stepper.num_model_calls
+        total = stepper.num_model_calls if calls is None else calls
         bar = progress_reporter(progress, total)
         # Overflow is caught and named (the component, or the sampler's latents); NumPy's
         # RuntimeWarnings would only add noise beside that one line.

@@ -66,3 +66,23 @@ def tiny_sdxl_engines() -> Path:
     out = _root() / "engines-sdxl"
     export_model(tiny_sdxl_model(), out, height="16:24", width="16:24", batch="1:2", progress=False)
     return out
+
+
+@cache
+def tiny_refiner_model() -> Path:
+    """A tiny random SDXL refiner diffusers folder (see tests/tiny_sdxl.py)."""
+    from tiny_sdxl import make_tiny_sdxl_refiner
+
+    return make_tiny_sdxl_refiner(_root() / "model-refiner")
+
+
+@cache
+def tiny_refiner_engines() -> Path:
+    """fp32 ONNX engine directory of :func:`tiny_refiner_model`, batch 1..2, 16..24 pixels."""
+    from trt_sd.export import export_model
+
+    out = _root() / "engines-refiner"
+    export_model(
+        tiny_refiner_model(), out, height="16:24", width="16:24", batch="1:2", progress=False
+    )
+    return out

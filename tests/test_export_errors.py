@@ -44,19 +44,17 @@ def test_missing_and_foreign_folders(tmp_path, capsys):
     (tmp_path / "model_index.json").write_text(json.dumps(index))
     _fails(capsys, [str(tmp_path)], "unet/ is missing")
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "X", "unet": []}))
-    _fails(capsys, [str(tmp_path)], "holds a X; trt-sd exports SD 1.x, SD 2.x, SDXL pipelines")
+    _fails(
+        capsys,
+        [str(tmp_path)],
+        "holds a X; trt-sd exports SD 1.x, SD 2.x, SDXL, SDXL refiner pipelines",
+    )
     flux = {"_class_name": "FluxPipeline", "transformer": part, "vae": part}
     (tmp_path / "model_index.json").write_text(json.dumps(flux))
     _fails(capsys, [str(tmp_path)], "holds a FluxPipeline (FLUX); trt-sd exports SD 1.x")
-    refiner = {
-        "_class_name": "StableDiffusionXLImg2ImgPipeline",
-        "text_encoder": [None, None],
-        "text_encoder_2": part,
-        "unet": part,
-        "vae": part,
-    }
-    (tmp_path / "model_index.json").write_text(json.dumps(refiner))
-    _fails(capsys, [str(tmp_path)], "(SDXL refiner)")
+    sd3 = {"_class_name": "StableDiffusion3Pipeline", "text_encoder_3": part, "vae": part}
+    (tmp_path / "model_index.json").write_text(json.dumps(sd3))
+    _fails(capsys, [str(tmp_path)], "(Stable Diffusion 3); trt-sd exports SD 1.x, SD 2.x, SDXL,")
 
 
 def test_unreadable_and_pickle_checkpoints(tmp_path, capsys, model_dir):

@@ -224,11 +224,11 @@ def test_partition_record_in_the_manifest() -> None:
 
 
 def test_reexport_reuses_stages_without_loading_torch(monkeypatch) -> None:
-    from trt_sd.export import api
+    from trt_sd.export.build_context import BuildContext
 
     engines = split_engines(2)
     before = Manifest.load(engines).raw
-    monkeypatch.setattr(api._Builder, "loader", lambda self: pytest.fail("loaded torch"))
+    monkeypatch.setattr(BuildContext, "loader", lambda self: pytest.fail("loaded torch"))
     from section_engines import export_sections
 
     export_sections(engines.name, split_unet=2)

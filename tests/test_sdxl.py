@@ -194,7 +194,8 @@ def test_unknown_family_in_a_manifest_is_refused(tmp_path) -> None:
     manifest["model"]["family"] = "flux"
     (engines / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(
-        ManifestError, match=r"family 'flux' is not one this trt-sd serves \(SD 1.x, SD 2.x, SDXL\)"
+        ManifestError,
+        match=r"family 'flux' is not one this trt-sd serves \(SD 1.x, SD 2.x, SDXL, SDXL refiner\)",
     ):
         Pipeline.load(engines, backend="onnxruntime-cpu")
 

@@ -64,9 +64,18 @@ def test_engine_file_name_is_readable_and_keyed():
     assert name == "unet.fp16.sm90.0123456789ab.plan"
 
 
-def test_int8_builds_strongly_typed():
-    assert tb.BuildOptions(precision="int8").strongly_typed
-    assert not tb.BuildOptions(precision="fp16").strongly_typed
+def test_flavour_targets_and_refit_are_in_the_key():
+    rtx = tb.BuildOptions(precision="fp16", flavour="tensorrt-rtx")
+    keys = {
+        _key(),
+        _key(options=rtx),
+        _key(options=tb.BuildOptions(precision="fp16", flavour="tensorrt-rtx",
+                                     compute_capabilities=("8.6",))),
+        _key(options=tb.BuildOptions(precision="fp16", refittable=True)),
+    }  # fmt: skip
+    assert len(keys) == 4
+    name = tb.engine_file_name("unet", rtx, "8.0,8.6", "0123456789abcdef" * 4)
+    assert name == "unet.fp16.rtx.0123456789ab.plan"
 
 
 @pytest.mark.parametrize(
@@ -75,6 +84,9 @@ def test_int8_builds_strongly_typed():
         ({"precision": "bf8"}, "precision must be"),
         ({"optimization_level": 7}, "optimisation level"),
         ({"hardware_compatible": "turing"}, "hardware compatibility"),
+        ({"flavour": "tensorrt-rtx", "hardware_compatible": "ampere+"}, "TensorRT option"),
+        ({"compute_capabilities": ("8.6",)}, "needs --backend tensorrt-rtx"),
+        ({"flavour": "tensorrt-12"}, "flavour must be one of"),
     ],
 )
 def test_bad_build_options(kwargs, msg):
@@ -142,3 +154,48 @@ def test_runtime_backend_checks_engine_version_and_gpu():
     check_compatibility(_entry(hardware_compatible="ampere+"), "10.13.0", "8.6")
     with pytest.raises(ManifestError, match="Ampere"):
         check_compatibility(_entry(hardware_compatible="ampere+"), "10.13.0", "7.5")
+
+
+def test_rtx_targets_parse_and_refuse():
+    trt = pytest.importorskip("tensorrt_rtx")
+    from trt_sd.export.trt_targets import default_rtx_targets, resolve_rtx_targets, rtx_supported
+
+    assert "8.6" in rtx_supported(trt) and "9.0" not in rtx_supported(trt)
+    assert resolve_rtx_targets(trt, None) == default_rtx_targets(trt)
+    assert "7.5" not in default_rtx_targets(trt)  # Turing refuses our fp32 GEMMs
+    assert resolve_rtx_targets(trt, "89, sm86,12.0,8.6") == ("8.6", "8.9", "12.0")
+    assert resolve_rtx_targets(trt, "7.5") == ("7.5",)  # on request
+    with pytest.raises(InputError, match=r"'9\.0' is not one TensorRT-RTX builds for"):
+        resolve_rtx_targets(trt, "9.0")
+
+
+def test_runtime_refuses_rtx_engine_on_a_gpu_outside_its_targets():
+    from trt_sd.models import ManifestError
+    from trt_sd.runtime.backends.tensorrt import check_compatibility
+
+    rtx = _entry(compute_capabilities=["8.0", "8.6"], compute_capability="8.0,8.6")
+    rtx = type(rtx)(**{**rtx.__dict__, "backend": "tensorrt-rtx"})
+    check_compatibility(rtx, "10.13.0", "8.6")
+    with pytest.raises(ManifestError, match=r"built for GPU compute capabilities 8\.0, 8\.6; "
+                       r"this GPU is 9\.0.*Hopper"):  # fmt: skip
+        check_compatibility(rtx, "10.13.0", "9.0")
+    with pytest.raises(ManifestError, match=r"built with TensorRT-RTX 10\.13\.0"):
+        check_compatibility(rtx, "1.7.1", "8.6")
+
+
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["--backend", "tensorrt-rtx", "--compute-capability", "9.0"], "not one TensorRT-RTX"),
+        (["--backend", "onnxruntime", "--compute-capability", "8.6"], "needs --backend tensorrt"),
+        (["--backend", "onnxruntime", "--runtime-cache", "x"], "TensorRT-RTX option"),
+        (["--backend", "tensorrt-rtx", "--hardware-compatible", "ampere+"], "TensorRT option"),
+    ],
+)
+def test_export_cli_refuses_bad_rtx_options_in_one_line(argv, msg, tmp_path, capsys):
+    pytest.importorskip("tensorrt_rtx")
+    from trt_sd.runtime.cli import main
+
+    code = main(["export", "--out", str(tmp_path / "e"), "--quiet", *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and msg in err and "\n" not in err, err

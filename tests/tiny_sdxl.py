@@ -124,3 +124,63 @@ def make_tiny_sdxl(folder: Path, *, seed: int = 0, sample_size: int = 8) -> Path
         "utf-8",
     )
     return folder
+
+
+def make_tiny_sdxl_refiner(folder: Path, *, seed: int = 1, sample_size: int = 8) -> Path:
+    """A tiny SDXL refiner: bigG-style encoder alone (its tokenizer in ``tokenizer_2``), a
+    text-time UNet with 5 micro-conditioning values (aesthetic score), SDXL's VAE settings;
+    ``model_index.json`` as the refiner ships it (no CLIP-L, aesthetic score required, empty
+    prompts not zeroed)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    write_clip_tokenizer(folder / "tokenizer_2")
+    vocab_size = len(json.loads((folder / "tokenizer_2" / "vocab.json").read_text("utf-8")))
+    CLIPTextModelWithProjection(
+        _text_config(vocab_size, HIDDEN_2, projection_dim=PROJECTION, hidden_act="gelu")
+    ).eval().save_pretrained(folder / "text_encoder_2")
+    UNet2DConditionModel(
+        sample_size=sample_size,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=HIDDEN_2,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TIME_DIM,
+        projection_class_embeddings_input_dim=PROJECTION + 5 * TIME_DIM,
+        norm_num_groups=16,
+    ).eval().save_pretrained(folder / "unet")
+    AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        norm_num_groups=16,
+        sample_size=2 * sample_size,
+        layers_per_block=1,
+        scaling_factor=0.13025,
+    ).eval().save_pretrained(folder / "vae")
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SDXL_SCHEDULER), "utf-8")
+    index = {
+        "_class_name": "StableDiffusionXLImg2ImgPipeline",
+        "_diffusers_version": "0.42.1",
+        "force_zeros_for_empty_prompt": False,
+        "requires_aesthetics_score": True,
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "text_encoder": [None, None],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": [None, None],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index), "utf-8")
+    return folder

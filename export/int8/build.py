@@ -19,8 +19,10 @@ import numpy as np
 from trt_sd.models import Component, NumericalError
 from trt_sd.models.descriptors import TEXT_ENCODER, UNET, VAE_DECODER
 
-from ..checkpoint import sha256_file
+from ..build_context import BuildContext
+from ..engine_build import build_tensorrt_engine
 from ..ort_attention import fuse_attention
+from ..stage_bar import StageBar
 from .ptq import calibrate
 from .qdq_graph import insert_qdq
 from .recipe import ResolvedRecipe
@@ -35,15 +37,14 @@ from .trajectories import (
 STAGES = ("load", "calib", "ref", "qat", "export", "verify", "q/dq", "report")
 
 
-def build_int8_component(builder: Any, component: Component, key: str) -> dict[str, Any]:
+class Int8Stages(StageBar):
+    STAGES = STAGES
+
+
+def build_int8_component(builder: BuildContext, component: Component, key: str) -> dict[str, Any]:
     """The INT8 branch of :func:`trt_sd.export.component_build.build_component` (progress
     bar, optional TensorRT engine build of the Q/DQ graph, summary line)."""
-    from ..component_build import StageBar, build_tensorrt_engine
-
-    class Int8Stages(StageBar):
-        STAGES = STAGES  # type: ignore[assignment]
-
-    engine = builder.opts.backend == "tensorrt"
+    engine = builder.opts.builds_engines
     bar = Int8Stages(component.name, builder.progress, engine=engine)
     t0 = time.perf_counter()
     entry = build_int8_unet(builder, component, key, bar)
@@ -53,6 +54,7 @@ def build_int8_component(builder: Any, component: Component, key: str) -> dict[s
             build_tensorrt_engine(builder, component, builder.build / entry["file"], "int8")
         )
     entry["export_seconds"] = round(time.perf_counter() - t0, 2)
+    assert builder.quantization is not None  # set by build_int8_unet
     report = builder.quantization["report"]
     graph = builder.quantization["graph"]
     accuracy = report.get("prompt_accuracy")
@@ -79,7 +81,7 @@ def _digits_judge(model_dir: Path) -> Any | None:
 
 
 def _export_float_graph(
-    builder: Any, wrapper: Any, component: Component, folder: Path
+    builder: BuildContext, wrapper: Any, component: Component, folder: Path
 ) -> tuple[Path, list]:
     """Export the (possibly fine-tuned) float UNet; returns the graph path and the torch
     reference cases it must match (computed first, as the fp32 export does)."""
@@ -132,7 +134,9 @@ def _files_bytes(path: Path) -> int:
     return path.stat().st_size + (ext.stat().st_size if ext.is_file() else 0)
 
 
-def build_int8_unet(builder: Any, component: Component, key: str, bar: Any) -> dict[str, Any]:
+def build_int8_unet(
+    builder: BuildContext, component: Component, key: str, bar: Any
+) -> dict[str, Any]:
     """Build ``unet.onnx`` in INT8 into ``builder.build``; returns its manifest entry and sets
     ``builder.quantization`` (the manifest's quantization record)."""
     import onnx
@@ -140,7 +144,7 @@ def build_int8_unet(builder: Any, component: Component, key: str, bar: Any) -> d
 
     resolved: ResolvedRecipe = builder.int8
     recipe = resolved.recipe
-    ckpt, opts = builder.ckpt, builder.opts
+    ckpt, _opts = builder.ckpt, builder.opts
     from .preflight import latent_shape
 
     shape = latent_shape(ckpt, builder.shapes)
@@ -255,35 +259,20 @@ def build_int8_unet(builder: Any, component: Component, key: str, bar: Any) -> d
         )
 
     int8_bytes = _files_bytes(path)
-    entry: dict[str, Any] = {
-        "file": path.name,
-        "sha256": sha256_file(path),
-        "backend": opts.backend,
-        "precision": "int8",
-        "inputs": [t.to_dict("int8") for t in component.inputs],
-        "outputs": [t.to_dict("int8") for t in component.outputs],
-        "shape_range": builder.shapes.to_dict(),
-        "verification": {
-            "max_rel_error": report["unet_max_rel_error"],
-            "metric": "max|int8 - fp32| / max|fp32| on the report's real sampler inputs",
-            "mean_cosine": report["unet_cosine_mean"],
-            "min_mean_cosine": MIN_MEAN_COSINE,
-            "reference": "torch fp32 (the checkpoint's weights, before any QAT)",
-            "provider": "CPUExecutionProvider",
-            "float_graph": float_record,
-        },
-        "cache_key": key,
-        "opset": opts.opset,
-        "exporter": "trt_sd.export.int8 (float graph + explicit Q/DQ)",
-        "bytes": int8_bytes,
-        "fp32_bytes": float_bytes,
-        "qdq_flavour": summary.flavour,
+    verification = {
+        "max_rel_error": report["unet_max_rel_error"],
+        "metric": "max|int8 - fp32| / max|fp32| on the report's real sampler inputs",
+        "mean_cosine": report["unet_cosine_mean"],
+        "min_mean_cosine": MIN_MEAN_COSINE,
+        "reference": "torch fp32 (the checkpoint's weights, before any QAT)",
+        "provider": "CPUExecutionProvider",
+        "float_graph": float_record,
     }
-    from ..onnx_export import external_data_name
-
-    ext = path.parent / external_data_name(path)
-    if ext.is_file():
-        entry["external_data"] = {"file": ext.name, "sha256": sha256_file(ext)}
+    exporter = "trt_sd.export.int8 (float graph + explicit Q/DQ)"
+    entry = builder.entry(
+        component, path, "int8", verification, key, exporter,
+        fp32_bytes=float_bytes, qdq_flavour=summary.flavour,
+    )  # fmt: skip
     builder.quantization = {
         "component": UNET,
         "recipe": resolved.to_dict(),

@@ -14,15 +14,15 @@ from typing import Any
 from ..errors import ManifestError
 from .sd import SD1, SD2
 from .sdxl import SDXL
+from .sdxl_refiner import SDXL_REFINER
 from .spec import FamilySpec, PromptRows, TextEncoding
 
-FAMILIES: dict[str, FamilySpec] = {f.name: f for f in (SD1, SD2, SDXL)}
+FAMILIES: dict[str, FamilySpec] = {f.name: f for f in (SD1, SD2, SDXL, SDXL_REFINER)}
 DEFAULT_FAMILY = "sd1"
 #: detection order: the most specific predicate first (SD 2.x before SD 1.x)
-_DETECTION = (SDXL, SD2, SD1)
+_DETECTION = (SDXL, SDXL_REFINER, SD2, SD1)
 #: pipelines of families we do not export, by diffusers class name, for the refusal
 OTHER_FAMILIES = {
-    "StableDiffusionXLImg2ImgPipeline": "SDXL refiner",
     "StableDiffusion3Pipeline": "Stable Diffusion 3",
     "FluxPipeline": "FLUX",
     "PixArtAlphaPipeline": "PixArt-alpha",

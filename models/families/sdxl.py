@@ -125,7 +125,7 @@ def is_sdxl(configs: Mapping[str, Mapping[str, Any]]) -> bool:
     return (
         all(index.get(k) for k in ("text_encoder", "text_encoder_2", "unet", "vae"))
         and configs["unet"].get("addition_embed_type") == "text_time"
-        and not configs["unet"].get("requires_aesthetics_score")
+        and not index.get("requires_aesthetics_score")
     )
 
 
@@ -152,4 +152,5 @@ SDXL = FamilySpec(
     options=OPTIONS,
     resolve_options=resolve_sdxl_options,
     features=frozenset({"split_unet", "deepcache"}),
+    latent_space="sdxl",
 )

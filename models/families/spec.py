@@ -39,11 +39,18 @@ class TextEncoding:
     """One text encoder of a family and the tokenizer that feeds it.
 
     ``tokenizer`` is both the manifest key of the tokenizer settings and the engine
-    directory's folder of its files (``tokenizer``, ``tokenizer_2``).
+    directory's folder of its files (``tokenizer``, ``tokenizer_2``); ``source`` is the
+    checkpoint's tokenizer folder when it differs (the SDXL refiner's only tokenizer is its
+    ``tokenizer_2``, stored as the engine directory's ``tokenizer``).
     """
 
     component: str
     tokenizer: str
+    source: str | None = None
+
+    @property
+    def source_folder(self) -> str:
+        return self.source or self.tokenizer
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,9 @@ class FamilySpec:
     passthrough: bool = False
     #: export features this family's UNet supports (the layer list models SD 1.x / 2.x UNets)
     features: frozenset[str] = field(default_factory=frozenset)
+    #: which VAE latent space its latents live in: a refiner takes a base's latents only from
+    #: the same space (SDXL's VAE differs from SD 1.x / 2.x's)
+    latent_space: str = "sd"
     #: pipeline settings read from ``model_index.json`` (with these defaults) into the
     #: manifest's ``family_config``
     settings: Mapping[str, Any] = field(default_factory=dict)

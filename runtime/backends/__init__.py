@@ -22,12 +22,21 @@ from types import ModuleType
 from trt_sd.models.descriptors import Component
 from trt_sd.models.errors import BackendUnavailableError, InputError
 from trt_sd.models.manifest import ComponentEntry
-from trt_sd.models.tensorrt_check import INSTALL_HINT, import_tensorrt
+from trt_sd.models.tensorrt_check import FLAVOURS, import_tensorrt, install_hint
 
 from .base import EngineBackend, IOSpec, io_specs
 from .hardware import cuda_device_count, physical_cores
 
-BACKEND_CHOICES = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cuda", "onnxruntime-cpu")
+BACKEND_CHOICES = (
+    "auto",
+    "tensorrt",
+    "tensorrt-rtx",
+    "onnxruntime",
+    "onnxruntime-cuda",
+    "onnxruntime-cpu",
+)
+#: What a TensorRT-RTX engine needs to run (its targets; Hopper 9.x is not among them).
+RTX_GPUS = "an RTX-class NVIDIA GPU (compute capability 8.0, 8.6, 8.9 or 12.x)"
 TENSORRT_MODULE = "trt_sd.runtime.backends.tensorrt"
 
 __all__ = [
@@ -42,13 +51,19 @@ __all__ = [
 ]
 
 
-def _tensorrt_module() -> ModuleType:
-    """The TensorRT runtime backend module, or BackendUnavailableError saying what is missing."""
+def _tensorrt_module(flavour: str = "tensorrt") -> ModuleType:
+    """The TensorRT runtime backend module, or BackendUnavailableError saying what is missing
+    (``flavour``: ``tensorrt`` or ``tensorrt-rtx``, the engine's manifest backend)."""
     if cuda_device_count() == 0:
+        if flavour == "tensorrt-rtx":
+            raise BackendUnavailableError(
+                f"TensorRT-RTX engines need {RTX_GPUS} and none was found; on this machine "
+                "export ONNX engines (--backend onnxruntime) instead"
+            )
         raise BackendUnavailableError(
-            f"TensorRT needs an NVIDIA GPU and none was found; {INSTALL_HINT}"
+            f"TensorRT needs an NVIDIA GPU and none was found; {install_hint(flavour)}"
         )
-    import_tensorrt()
+    import_tensorrt(flavour)
     try:
         return importlib.import_module(TENSORRT_MODULE)
     except ModuleNotFoundError as e:
@@ -67,28 +82,29 @@ def _tensorrt_serves(entry: ComponentEntry) -> bool:
 
 
 def resolve_backend(requested: str, entry: ComponentEntry) -> str:
-    """The concrete backend for one component: "tensorrt", "onnxruntime-cuda" or
-    "onnxruntime-cpu". Raises InputError for an unknown name or an impossible pairing and
+    """The concrete backend for one component: "tensorrt", "tensorrt-rtx", "onnxruntime-cuda"
+    or "onnxruntime-cpu". Raises InputError for an unknown name or an impossible pairing and
     BackendUnavailableError (with an install hint) when the library is missing."""
     if requested not in BACKEND_CHOICES:
         raise InputError(f"unknown backend {requested!r}; choose from {', '.join(BACKEND_CHOICES)}")
     from .onnxruntime import cuda_provider_usable  # cheap: onnxruntime itself loads lazily
 
-    if entry.backend == "tensorrt":
-        if requested not in ("auto", "tensorrt"):
+    if entry.backend in FLAVOURS:
+        # A .plan runs only on its own flavour; `auto` takes it there or says why it cannot.
+        if requested not in ("auto", entry.backend):
+            kind = "TensorRT-RTX" if entry.backend == "tensorrt-rtx" else "TensorRT"
             raise InputError(
-                f"component {entry.name} is a TensorRT engine ({entry.file}); ONNX Runtime "
-                "cannot run it: use --backend tensorrt or export ONNX engines"
+                f"component {entry.name} is a {kind} engine ({entry.file}); {requested} "
+                f"cannot run it: use --backend {entry.backend} or export ONNX engines"
             )
-        _tensorrt_module()
-        return "tensorrt"
-    if requested == "tensorrt":
-        if not _tensorrt_module().can_serve(entry):
-            raise BackendUnavailableError(
-                f"the TensorRT backend cannot serve {entry.file}; build TensorRT engines with "
-                "`trt-sd export --backend tensorrt`"
-            )
-        return "tensorrt"
+        _tensorrt_module(entry.backend)
+        return entry.backend
+    if requested in FLAVOURS:
+        _tensorrt_module(requested)  # what is missing here comes first, with how to install it
+        raise BackendUnavailableError(
+            f"{entry.file} is an ONNX graph; --backend {requested} runs engines built with "
+            f"`trt-sd export --backend {requested}`"
+        )
     if requested == "auto" and _tensorrt_serves(entry):
         return "tensorrt"
     if requested == "onnxruntime-cpu":
@@ -128,5 +144,6 @@ def create_backend(
         from .onnxruntime import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(path, component, entry, gpu)
-    backend: EngineBackend = _tensorrt_module().TensorRTBackend(path, component, entry, gpu)
+    module = _tensorrt_module(kind)
+    backend: EngineBackend = module.TensorRTBackend(path, component, entry, gpu)
     return backend

@@ -1,8 +1,17 @@
-"""TensorRT runtime backend: one deserialized engine per component, driven by cuda-python.
+"""TensorRT / TensorRT-RTX runtime backend: one deserialized engine per component, driven by
+cuda-python.
 
-Loaded by :func:`trt_sd.runtime.backends.create_backend` only when TensorRT imports and a GPU
-is present. Type-checked in CI against the TensorRT 10 API (``tensorrt-stubs``); run on a GPU
-by the tests marked ``gpu``.
+One code path serves both flavours (the manifest entry's ``backend`` says which module loads
+the plan: ``tensorrt`` or ``tensorrt_rtx``). Loaded by
+:func:`trt_sd.runtime.backends.create_backend` only when the flavour imports and a GPU is
+present. Type-checked in CI against the TensorRT 10 stubs and against stubs generated from the
+TensorRT-RTX bindings (``--always-true TRT_RTX_TYPES``); run on a GPU by the tests marked ``gpu``.
+
+TensorRT-RTX compiles kernels for the actual GPU when an engine loads (JIT); its **runtime
+cache** keeps them, so only the first load on a machine pays. The cache lives where the export
+said (``runtime_cache``: relative paths inside the engine directory) or under
+``~/.cache/trt-sd/tensorrt-rtx/runtime-cache``, one file per engine, written after the first
+call.
 
 What it does, and why:
 
@@ -23,24 +32,56 @@ What it does, and why:
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from trt_sd.models.descriptors import Component
 from trt_sd.models.errors import BackendUnavailableError, InputError, ManifestError
 from trt_sd.models.manifest import ComponentEntry
+from trt_sd.models.paths import cache_root
+from trt_sd.models.tensorrt_check import FLAVOURS, import_tensorrt
 
 from .base import EngineBackend
 from .cuda import CudaGraph, DeviceBuffer, DeviceContext, EventTimer, check, cudart
 
+#: mypy: ``--always-true TRT_RTX_TYPES`` checks this module against the TensorRT-RTX bindings.
+TRT_RTX_TYPES = False
+if TYPE_CHECKING:
+    import tensorrt_rtx
+    from typing_extensions import Buffer
+
+    if TRT_RTX_TYPES:
+        import tensorrt_rtx as trt
+    else:
+        import tensorrt as trt
+
+RTX = "tensorrt-rtx"
+
 
 def can_serve(entry: ComponentEntry) -> bool:
-    """TensorRT runs serialized engines (``.plan``); ONNX entries belong to ONNX Runtime."""
-    return entry.backend == "tensorrt"
+    """TensorRT runs serialized engines (``.plan``) of its own flavour; ONNX entries belong to
+    ONNX Runtime."""
+    return entry.backend in FLAVOURS
+
+
+def label(flavour: str) -> str:
+    return "TensorRT-RTX" if flavour == RTX else "TensorRT"
+
+
+def runtime_cache_path(engine_dir: Path, entry: ComponentEntry) -> Path:
+    """Where the TensorRT-RTX JIT cache of one engine lives (see the module docstring)."""
+    where = entry.extra.get("runtime_cache")
+    if where:
+        folder = Path(os.path.expanduser(str(where)))
+        folder = folder if folder.is_absolute() else Path(engine_dir) / folder
+    else:
+        folder = cache_root() / "tensorrt-rtx" / "runtime-cache"
+    return folder / (Path(entry.file).name + ".cache")
 
 
 def compute_capability(device: int) -> str:
@@ -60,18 +101,30 @@ def check_compatibility(entry: ComponentEntry, trt_version: str, device_cc: str)
     """
     built = str(entry.extra.get("tensorrt_version", ""))
     built_cc = str(entry.extra.get("compute_capability", ""))
-    rebuild = "rebuild it with `trt-sd export --backend tensorrt` on this machine"
+    flavour = entry.backend if entry.backend in FLAVOURS else "tensorrt"
+    name = label(flavour)
+    if flavour == RTX:
+        targets = [str(c) for c in entry.extra.get("compute_capabilities") or built_cc.split(",")]
+        if device_cc not in targets:
+            raise ManifestError(
+                f"{entry.file} is a TensorRT-RTX engine built for GPU compute capabilities "
+                f"{', '.join(targets)}; this GPU is {device_cc}: rebuild with "
+                f"`trt-sd export --backend tensorrt-rtx --compute-capability {device_cc}` "
+                "if TensorRT-RTX supports it (it has no Hopper, 9.x, target), or use "
+                "--backend onnxruntime-cuda with an ONNX export"
+            )
+        built_cc = device_cc  # the per-GPU check below is done
+    rebuild = f"rebuild it with `trt-sd export --backend {flavour}` on this machine"
     if entry.extra.get("version_compatible"):
         same_major = built.split(".")[0] == trt_version.split(".")[0]
         if not same_major or _version_tuple(trt_version) < _version_tuple(built):
             raise ManifestError(
-                f"{entry.file} was built with TensorRT {built} (version-compatible); this "
-                f"TensorRT {trt_version} cannot load it: {rebuild}"
+                f"{entry.file} was built with {name} {built} (version-compatible); this "
+                f"{name} {trt_version} cannot load it: {rebuild}"
             )
     elif built != trt_version:
         raise ManifestError(
-            f"{entry.file} was built with TensorRT {built}, this is TensorRT {trt_version}: "
-            f"{rebuild}"
+            f"{entry.file} was built with {name} {built}, this is {name} {trt_version}: {rebuild}"
         )
     level = entry.extra.get("hardware_compatible", "none")
     if level == "ampere+":
@@ -91,7 +144,7 @@ def _version_tuple(text: str) -> tuple[int, ...]:
 
 
 class TensorRTBackend(EngineBackend):
-    """One TensorRT engine on one GPU."""
+    """One TensorRT (or TensorRT-RTX) engine on one GPU."""
 
     kind = "tensorrt"
 
@@ -99,22 +152,34 @@ class TensorRTBackend(EngineBackend):
         self, path: Path, component: Component, entry: ComponentEntry, device_id: int
     ) -> None:
         super().__init__(component, entry)
-        try:
-            import tensorrt as trt
-        except ImportError:
-            raise BackendUnavailableError("TensorRT is not installed") from None
+        self.flavour = entry.backend if entry.backend in FLAVOURS else "tensorrt"
+        self.kind = self.flavour
+        if TYPE_CHECKING:  # one code path, type-checked against each flavour's API
+            if TRT_RTX_TYPES:
+                import tensorrt_rtx as trt
+            else:
+                import tensorrt as trt
+        else:
+            trt = import_tensorrt(self.flavour)
+        name = label(self.flavour)
         self.device = DeviceContext.get(device_id)
         check_compatibility(entry, str(trt.__version__), compute_capability(device_id))
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         engine = self._runtime.deserialize_cuda_engine(Path(path).read_bytes())
         if engine is None:
-            raise ManifestError(f"TensorRT could not deserialize {path.name} (see log above)")
+            raise ManifestError(f"{name} could not deserialize {path.name} (see log above)")
         self.engine = engine
         strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
-        context = engine.create_execution_context(strategy)
+        self._cache_path: Path | None = None
+        self._cache: Any = None
+        if self.flavour == RTX:
+            self._cache_path = runtime_cache_path(Path(path).parent, entry)
+            context = self._rtx_context(engine, strategy)
+        else:
+            context = engine.create_execution_context(strategy)
         if context is None:
-            raise BackendUnavailableError(f"TensorRT could not create a context for {path.name}")
+            raise BackendUnavailableError(f"{name} could not create a context for {path.name}")
         self.context = context
         names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
         wanted = {s.name for s in (*self.inputs, *self.outputs)}
@@ -128,6 +193,41 @@ class TensorRTBackend(EngineBackend):
         self._calls = 0
         self.use_cuda_graph = bool(entry.extra.get("static_shapes"))
         self.last_gpu_seconds = 0.0
+
+    def _rtx_context(
+        self, engine: trt.ICudaEngine, strategy: trt.ExecutionContextAllocationStrategy
+    ) -> trt.IExecutionContext:
+        """A context whose runtime config carries the persisted JIT cache (TensorRT-RTX)."""
+        rtx_engine = cast("tensorrt_rtx.ICudaEngine", engine)
+        config = rtx_engine.create_runtime_config()
+        config.set_execution_context_allocation_strategy(
+            cast("tensorrt_rtx.ExecutionContextAllocationStrategy", strategy)
+        )
+        cache = config.create_runtime_cache()
+        assert self._cache_path is not None
+        if self._cache_path.is_file():
+            cache.deserialize(self._cache_path.read_bytes())
+        config.set_runtime_cache(cache)
+        self._cache = cache
+        return cast("trt.IExecutionContext", rtx_engine.create_execution_context(config))
+
+    def _save_runtime_cache(self) -> None:
+        """Persist the JIT cache after the first call (kernels compiled by then)."""
+        if self._cache is None or self._cache_path is None:
+            return
+        cache = cast("tensorrt_rtx.IRuntimeCache", self._cache)
+        data = cache.serialize()
+        self._cache = None  # once per load
+        if data is None:
+            return
+        path = self._cache_path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+            tmp.write_bytes(memoryview(cast("Buffer", data)))  # IHostMemory is a buffer
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only cache location costs the next load its JIT time, nothing else
 
     def _bind_inputs(self, feeds: Mapping[str, Any]) -> None:
         for spec in self.inputs:
@@ -198,6 +298,7 @@ class TensorRTBackend(EngineBackend):
                     out[spec.name] = self.device.download(src.ptr, np.empty(shape, spec.dtype))
             self.device.synchronize()
             self.last_gpu_seconds = self._timer.seconds()
+            self._save_runtime_cache()
         return out
 
     def to_host(self, value: Any) -> np.ndarray:

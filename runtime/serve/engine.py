@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from trt_sd.models.descriptors import TEXT_ENCODER, UNET, VAE_DECODER
+from trt_sd.models.descriptors import UNET, VAE_DECODER
 from trt_sd.models.errors import InputError, TrtSdError
 from trt_sd.models.families import PromptRows
 from trt_sd.runtime.denoise import Lane, split_rows
@@ -107,7 +107,8 @@ class BatchingEngine:
         self.pipe = pipeline
         unet_range = pipeline.manifest.components[UNET].shape_range
         self.max_rows = unet_range.axis("unet_batch").max
-        self._text_rows = pipeline.manifest.components[TEXT_ENCODER].shape_range.axis("unet_batch")
+        first_text = pipeline.family.text_encoders[0].component
+        self._text_rows = pipeline.manifest.components[first_text].shape_range.axis("unet_batch")
         self._vae_batch = pipeline.manifest.components[VAE_DECODER].shape_range.batch.max
         built = unet_range.batch.max
         if max_batch is None:
