@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from trt_sd.models.descriptors import Component, Shape, ShapeRange
 from trt_sd.models.errors import InputError, TrtSdError
 from trt_sd.models.tensorrt_check import FLAVOURS, import_tensorrt
 
+from .trt_logger import collecting_logger, label
 from .trt_targets import compute_capability, resolve_rtx_targets, set_rtx_targets
 
 #: mypy: ``--always-true TRT_RTX_TYPES`` checks this module against the TensorRT-RTX bindings.
@@ -330,7 +330,7 @@ def build_engine(
         )  # fmt: skip
 
     start = time.perf_counter()
-    logger = _logger(options.flavour)
+    logger = collecting_logger(options.flavour)
     builder = trt.Builder(logger)
     network = builder.create_network(_network_flags(trt))
     parser = trt.OnnxParser(network, logger)
@@ -359,42 +359,6 @@ def build_engine(
     log = {**asdict(result), "engine": engine.name, "options": asdict(options)}
     _atomic_write(log_path, json.dumps(log, indent=2).encode())
     return result
-
-
-#: What TensorRT-RTX logs on every build on a machine without a GPU driver (it builds fine):
-#: not shown, and not taken for the reason of a failed build.
-CPU_NOISE = ("cudaError 35", "CUDA driver version is insufficient", "timing cache")
-
-
-def label(flavour: str) -> str:
-    return "TensorRT-RTX" if flavour == RTX else "TensorRT"
-
-
-def _logger(flavour: str) -> trt.ILogger:
-    """A logger that prints warnings like TensorRT's own and keeps the error messages, so a
-    failed build raises with TensorRT's reason instead of 'see the log above'."""
-    if TYPE_CHECKING:  # one code path, type-checked against each flavour's API
-        if TRT_RTX_TYPES:
-            import tensorrt_rtx as trt
-        else:
-            import tensorrt as trt
-    else:
-        trt = import_tensorrt(flavour)
-
-    class Collecting(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-
-        def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
-            if any(noise in msg for noise in CPU_NOISE):
-                return
-            if severity <= trt.ILogger.Severity.ERROR:
-                self.errors.append(msg)
-            if severity <= trt.ILogger.Severity.WARNING:
-                print(f"[{label(flavour)}] {msg}", file=sys.stderr)
-
-    return Collecting()
 
 
 def _buffer(memory: trt.IHostMemory) -> memoryview:

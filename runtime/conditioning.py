@@ -143,8 +143,8 @@ class TextConditioner:
                 parts.append(to_host(component, out[name]))
             return to_host(component, out[hidden])
 
-        result = {hidden: encode_prompts(encode, batch, emphasis=emphasis,
-                                         max_rows=self.max_rows.get(component))}  # fmt: skip
+        rows = self.max_rows.get(component)
+        result = {hidden: encode_prompts(encode, batch, emphasis=emphasis, max_rows=rows)}
         for name, parts in collected.items():
             result[name] = pooled_first_chunk(np.concatenate(parts), batch)
         return result

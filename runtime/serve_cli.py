@@ -43,7 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     from .serve.engine import DEFAULT_MAX_QUEUE, DEFAULT_TIMEOUT_S
 
-    parser.add_argument("engine_dir", nargs="?", metavar="ENGINE_DIR", help="default: the cache")
+    parser.add_argument(
+        "engine_dir",
+        nargs="*",
+        metavar="ENGINE_DIR",
+        help="engine directories, or folders of them, each served as one model named after "
+        "its folder (default: the cache)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     parser.add_argument("--replicas", type=int, default=1, help="generation replicas")
@@ -88,6 +94,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpus-per-replica", type=float, default=1.0, metavar="C")
     parser.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
     parser.add_argument("--address", help="Ray cluster to join (default: start a local one)")
+    from .serve.front import DEFAULT_LIMITS as LIM
+
+    parser.add_argument("--api-key", metavar="KEY", help="require this key (Bearer or basic auth)")
+    parser.add_argument("--api-key-file", metavar="FILE", help="read the API key from FILE")
+    parser.add_argument("--max-images", type=int, default=LIM.max_images, metavar="N")
+    parser.add_argument("--max-steps", type=int, default=LIM.max_steps, metavar="N")
+    parser.add_argument("--max-pixels", type=int, default=LIM.max_pixels, metavar="N")
     parser.add_argument(
         "--ort-cache",
         metavar="1|0|DIR",
@@ -110,8 +123,26 @@ def main(args: argparse.Namespace) -> int:
         ) from None
     if not 0 < args.port < 65536:
         raise InputError(f"port must be in 1..65535, got {args.port}")
+    from .serve.auth import resolve_api_key
+    from .serve.front import DEFAULT_LIMITS
+
+    for flag in ("max_images", "max_steps", "max_pixels"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    limits = dataclasses.replace(
+        DEFAULT_LIMITS,
+        max_images=args.max_images,
+        max_steps=args.max_steps,
+        max_pixels=args.max_pixels,
+    )
+    from .serve.catalog import expand_dirs
+
+    dirs = [str(p) for p in expand_dirs(list(args.engine_dir or []))]
     options = ServeOptions(
-        engine_dir=args.engine_dir,
+        engine_dir=dirs[0] if dirs else None,
+        more_engine_dirs=tuple(dirs[1:]),
+        api_key=resolve_api_key(args.api_key, args.api_key_file),
+        limits=limits,
         backend=args.backend,
         replicas=args.replicas,
         max_batch=args.max_batch,
@@ -133,7 +164,8 @@ def main(args: argparse.Namespace) -> int:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build_app(options), name="trt-sd", route_prefix="/")
         print(
-            f"serving on http://{args.host}:{args.port} (POST /generate, GET /health); "
+            f"serving on http://{args.host}:{args.port} (POST /generate, GET /health, "
+            "/sdapi/v1/*, /v1/images/*, /metrics); "
             "Ctrl-C stops",
             file=sys.stderr,
         )

@@ -23,6 +23,7 @@ from trt_sd.models.errors import InputError
 from trt_sd.models.manifest import Manifest
 from trt_sd.runtime.pipeline import resolve_sampler
 from trt_sd.runtime.request import MAX_PROMPT_CHARS, Request, build_request
+from trt_sd.runtime.serve.b64images import decode_image
 from trt_sd.runtime.serve.replica import (
     FIELDS,
     MAX_BODY_BYTES,
@@ -77,8 +78,11 @@ def test_any_body_parses_or_is_an_input_error(body: bytes) -> None:
         kwargs = parse_generate_body(body)
     except InputError:
         return
+    image = kwargs.pop("image", None)  # the replica decodes it, the engine passes img2img on
     with contextlib.suppress(InputError):
-        build_request(MANIFEST, resolve_sampler, **{**ARGS, **kwargs})
+        if image is not None:
+            decode_image(image, "image")
+        build_request(MANIFEST, resolve_sampler, **{**ARGS, **kwargs, "img2img": image is not None})
 
 
 @pytest.mark.parametrize(
@@ -184,14 +188,14 @@ def test_one_failing_prompt_fails_only_its_own_request(monkeypatch) -> None:
     from trt_sd.runtime.serve.engine import BatchingEngine
 
     pipe = Pipeline.load(tiny_engines(), backend="onnxruntime-cpu")
-    encode = pipe.encode_text
+    encode = pipe.encode_conditioning
 
-    def fragile(texts: Any, *args: Any, **kwargs: Any) -> Any:
-        if any("poison" in t for t in texts):
+    def fragile(rows: Any, *args: Any, **kwargs: Any) -> Any:
+        if any("poison" in t for t in rows.texts):
             raise RuntimeError("tokenizer exploded")
-        return encode(texts, *args, **kwargs)
+        return encode(rows, *args, **kwargs)
 
-    monkeypatch.setattr(pipe, "encode_text", fragile)
+    monkeypatch.setattr(pipe, "encode_conditioning", fragile)
     engine = BatchingEngine(pipe, max_batch=4)
     try:
         with pytest.raises(InputError, match="not valid Unicode"):

@@ -16,8 +16,10 @@ across replicas and, with autoscaling, adds replicas when their queues fill.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,9 @@ from trt_sd.models.integrity import verify_components
 from trt_sd.models.manifest import Manifest
 from trt_sd.models.paths import default_engine_dir
 
+from .catalog import ModelEntry, load_catalog
 from .engine import DEFAULT_MAX_QUEUE, DEFAULT_TIMEOUT_S, check_limits
+from .front import DEFAULT_LIMITS, Front, FrontConfig, Limits
 from .replica import MAX_BODY_BYTES, Generator, PayloadTooLargeError, Reply, error_reply, too_large
 
 log = logging.getLogger(__name__)
@@ -59,6 +63,11 @@ class ServeOptions:
     target_ongoing: float | None = None  # autoscaling target per replica (default max_batch)
     #: ``TRT_SD_ORT_CACHE`` for the replicas ("1" or a folder; None: this process's own)
     ort_cache: str | None = None
+    # ---- client APIs (issue 16): more engine dirs, API key, per-request limits -------------
+    #: further engine directories (or folders of them), each served as its own model
+    more_engine_dirs: tuple[str, ...] = ()
+    api_key: str | None = None
+    limits: Limits = DEFAULT_LIMITS
 
 
 class GeneratorDeployment(Generator):
@@ -76,35 +85,76 @@ class GeneratorDeployment(Generator):
 
 
 class Ingress:
-    """Routes ``POST /generate`` and ``GET /health`` to the generator replicas."""
+    """Routes ``POST /generate`` and ``GET /health`` to the generator replicas; the client
+    APIs, the key check and ``/metrics`` go through :class:`~.front.Front` first."""
 
-    def __init__(self, generator: DeploymentHandle, timeout_s: float) -> None:
+    def __init__(
+        self,
+        generator: DeploymentHandle,
+        timeout_s: float,
+        front: FrontConfig | None = None,
+        others: dict[str, DeploymentHandle] | None = None,
+    ) -> None:
         self.generator = generator
         self.timeout_s = timeout_s
+        self.handles: dict[str, DeploymentHandle] = {}
+        if front is not None:
+            self.handles = {front.models[0].name: generator, **(others or {})}
+            self.front: Front | None = Front(front, self._generate_on, self._health_of)
+        else:
+            self.front = None
+
+    async def _generate_on(self, model: str, kwargs: dict[str, Any]) -> Reply:
+        return await self._call("generate_kwargs", kwargs, True, handle=self.handles[model])
+
+    async def _health_of(self, model: str) -> Reply:
+        return await self._call("health", handle=self.handles[model])
 
     async def __call__(self, request: Request) -> Response:
+        start = time.perf_counter()
         path = request.url.path.rstrip("/") or "/"
+        reply = await self.front.route(request) if self.front is not None else None
+        if reply is None:
+            reply = await self._own_routes(request, path)
+        if self.front is not None:
+            self.front.metrics.observe(path, reply.status, time.perf_counter() - start)
+        return Response(
+            reply.body, reply.status, headers=reply.headers, media_type=reply.content_type
+        )
+
+    async def _own_routes(self, request: Request, path: str) -> Reply:
         routes = {"/generate": ("POST",), "/health": ("GET", "HEAD")}
         if path not in routes:
             reply = error_reply(404, f"no route {path}; use POST /generate or GET /health")
         elif request.method not in routes[path]:
             allowed = ", ".join(routes[path])
             reply = error_reply(405, f"{path} takes {allowed}", Allow=allowed)
+        elif (name := self._model_name(request)) not in self.handles and name is not None:
+            names = ", ".join(self.handles)
+            reply = error_reply(404, f"no model {name!r}; models: {names}")
         elif path == "/generate":
             try:
                 body = await read_body(request)
             except PayloadTooLargeError as e:
                 reply = error_reply(413, str(e))
             else:
-                reply = await self._call("generate", body)
+                limited = self.front.check_generate(body, name) if self.front else None
+                handle = self.handles.get(name or "")
+                reply = limited or await self._call("generate", body, handle=handle)
         else:
-            reply = await self._call("health")
-        return Response(
-            reply.body, reply.status, headers=reply.headers, media_type=reply.content_type
-        )
+            reply = await self._call("health", handle=self.handles.get(name or ""))
+        return reply
 
-    async def _call(self, method: str, *args: Any) -> Reply:
-        response = getattr(self.generator, method).remote(*args)
+    def _model_name(self, request: Request) -> str | None:
+        """``?model=NAME`` picks a model for /generate and /health (None: the first)."""
+        name = request.query_params.get("model")
+        if not name or self.front is None:
+            return None
+        model = self.front.model(name)
+        return model.name if model is not None else name
+
+    async def _call(self, method: str, *args: Any, handle: DeploymentHandle | None = None) -> Reply:
+        response = getattr(handle or self.generator, method).remote(*args)
 
         async def answer() -> Reply:
             reply: Reply = await response
@@ -178,6 +228,13 @@ def replica_actor_options(options: ServeOptions) -> dict[str, Any]:
     return actor
 
 
+def resolve_models(options: ServeOptions) -> tuple[ModelEntry, ...]:
+    """Every served model: the first engine directory, then ``more_engine_dirs`` (each an
+    engine directory or a folder of them)."""
+    first = str(resolve_engines(options)[0])
+    return tuple(load_catalog([first, *options.more_engine_dirs]))
+
+
 def build_app(options: ServeOptions) -> Any:
     """The Ray Serve application for ``options`` (``serve.run(build_app(...))``)."""
     if options.replicas < 1:
@@ -224,4 +281,12 @@ def build_app(options: ServeOptions) -> Any:
         options.max_queue,
         options.timeout_s,
     )
-    return ingress.bind(replica, options.timeout_s)
+    models = resolve_models(options)
+    others = {}
+    for i, model in enumerate(models[1:], start=1):
+        _, batch = resolve_engines(dataclasses.replace(options, engine_dir=model.engine_dir))
+        others[model.name] = generator.options(name=f"Generator{i}").bind(
+            model.engine_dir, options.backend, batch, options.max_queue, options.timeout_s
+        )
+    front = FrontConfig(models=models, api_key=options.api_key, limits=options.limits)
+    return ingress.bind(replica, options.timeout_s, front, others)

@@ -39,10 +39,10 @@ from typing import Any
 
 import numpy as np
 
-from trt_sd.models.descriptors import CONTEXT, UNET, VAE_DECODER
+from trt_sd.models.descriptors import UNET, VAE_DECODER
 from trt_sd.models.errors import InputError, TrtSdError
-from trt_sd.models.families import PromptRows
 from trt_sd.runtime.denoise import Lane, split_rows
+from trt_sd.runtime.images import image_size, load_image
 from trt_sd.runtime.noise import initial_noise
 from trt_sd.runtime.pipeline import Pipeline, resolve_sampler
 from trt_sd.runtime.request import DEFAULT_SAMPLER, build_request
@@ -151,12 +151,20 @@ class BatchingEngine:
         karras: bool | None = None,
         eta: float | None = None,
         guidance_rescale: float = 0.0,
+        image: Any = None,
+        strength: float | None = None,
         emphasis: str = "original",
         **options: Any,
     ) -> Ticket:
         """Validate a request (the rules and messages of ``trt-sd run``: InputError) and queue
         it; QueueFullError when the queue is full, EngineStoppedError after :meth:`close`.
+        ``image`` (PIL image or uint8 array) + ``strength``: img2img, as ``Pipeline.__call__``.
+        ``emphasis``: how the prompt's ``(word:1.3)`` weight it, as ``Pipeline.__call__``.
         ``options``: the model family's own (as ``Pipeline.__call__`` takes them)."""
+        if image is not None and (height is None or width is None):
+            size = image_size(image)
+            width = size[0] if width is None and size else width
+            height = size[1] if height is None and size else height
         req = build_request(
             self.pipe.manifest,
             resolve_sampler,
@@ -170,8 +178,8 @@ class BatchingEngine:
             height=height,
             width=width,
             batch=1,
-            img2img=False,
-            strength=None,
+            img2img=image is not None,
+            strength=strength,
             karras=karras,
             eta=eta,
             sampler_options={},
@@ -182,6 +190,8 @@ class BatchingEngine:
         now = time.monotonic()
         job = Job(req, stepper, Future(), now + self.timeout_s, now, next(self._seq))
         job.options = family_options
+        if image is not None:
+            job.init = load_image(image, req.width, req.height)
         with self._cond:
             if self._stopped or not self._thread.is_alive():
                 raise EngineStoppedError("the generation engine is stopped")
@@ -273,11 +283,9 @@ class BatchingEngine:
         and draw their initial latents."""
         groups: dict[tuple[str, int], list[Job]] = {}
         for job in jobs:
+            emphasis = job.req.emphasis
             try:
-                key = (
-                    job.req.emphasis,
-                    self.pipe.text.sequence_length(self._rows(job).texts, job.req.emphasis),
-                )
+                key = (emphasis, self.pipe.text.sequence_length(job.prompt_rows().texts, emphasis))
             except Exception as e:
                 self._failed(job, e)
                 continue
@@ -285,19 +293,12 @@ class BatchingEngine:
         for (emphasis, _), group in groups.items():
             self._encode(group, emphasis)
 
-    @staticmethod
-    def _rows(job: Job) -> PromptRows:
-        req = job.req
-        return PromptRows.for_request(
-            req.prompts, req.negative_prompts, req.cfg, job.size, job.options
-        )
-
     def _encode(self, jobs: list[Job], emphasis: str) -> None:
         """Encode ``jobs`` (same context length) in calls of the text encoder's batch."""
         dims = self.pipe.manifest.dims
         rows_limit = self._text_rows.max
         for chunk in chunks(jobs, lambda j: j.rows, rows_limit, len(jobs)):
-            rows = [self._rows(j) for j in chunk]
+            rows = [j.prompt_rows() for j in chunk]
             try:
                 conditioning = self.pipe.encode_conditioning(
                     sum(rows[1:], rows[0]), emphasis=emphasis
@@ -317,12 +318,15 @@ class BatchingEngine:
                     job.req.height // dims.vae_scale_factor,
                     job.req.width // dims.vae_scale_factor,
                 )
-                job.x = job.stepper.prepare_noise(initial_noise(job.req.seeds, shape))
-
-    @staticmethod
-    def _unet_key(job: Job) -> tuple[tuple[int, int], int]:
-        """What must match for rows to share a UNet call: image size and context length."""
-        return job.size, int(np.shape((job.embeddings or {})[CONTEXT])[1])
+                noise = initial_noise(job.req.seeds, shape)
+                if job.init is None:
+                    job.x = job.stepper.prepare_noise(noise)
+                    continue
+                try:  # img2img: the encoded init image, noised to the first timestep
+                    latents = self.pipe._encode_image(job.req, job.init, {})
+                    job.x, job.init = job.stepper.add_noise(latents, noise), None
+                except Exception as e:
+                    self._failed(job, e)
 
     def _unet_turn(self) -> None:
         """One UNet call for the active requests of one image size and context length (those
@@ -332,8 +336,8 @@ class BatchingEngine:
         order = sorted(ready, key=lambda j: (j.turn, j.seq))
         if not order:
             return
-        key = self._unet_key(order[0])
-        same = [j for j in order if self._unet_key(j) == key]
+        key = order[0].unet_key
+        same = [j for j in order if j.unet_key == key]
         batch = next(chunks(same, lambda j: j.rows, self.max_rows, self.max_batch))
         self._turn += 1
         lanes = []

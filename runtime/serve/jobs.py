@@ -13,7 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from trt_sd.models.descriptors import CONTEXT
 from trt_sd.models.errors import InputError, TrtSdError
+from trt_sd.models.families import PromptRows
 from trt_sd.runtime.request import Request
 
 DEFAULT_MAX_QUEUE = 64
@@ -59,6 +61,7 @@ class Job:
     step: int = 0
     turn: int = 0  # scheduler turn of its last UNet call (fairness across sizes)
     cancelled: bool = False
+    init: np.ndarray | None = None  # img2img: the init image (1, 3, H, W) in [-1, 1]
 
     @property
     def rows(self) -> int:
@@ -71,6 +74,19 @@ class Job:
     @property
     def done(self) -> bool:
         return self.step >= self.stepper.num_model_calls
+
+    def prompt_rows(self) -> PromptRows:
+        """Its text-encoder rows (negative first with CFG)."""
+        req = self.req
+        return PromptRows.for_request(
+            req.prompts, req.negative_prompts, req.cfg, self.size, self.options
+        )
+
+    @property
+    def unet_key(self) -> tuple[tuple[int, int], int]:
+        """What must match for rows to share a UNet call: image size and context length
+        (long prompts make 154, 231, ... tokens; after text encoding)."""
+        return self.size, int(np.shape((self.embeddings or {})[CONTEXT])[1])
 
 
 @dataclass

@@ -49,9 +49,12 @@ FIELDS = (
     "karras",
     "eta",
     "guidance_rescale",
+    "image",  # img2img: the init image, base64 (PNG / JPEG / WebP), a data: URL allowed
+    "strength",
 )
 _STRING_FIELDS = ("prompt", "negative_prompt", "sampler")
 SEED_HEADER = "X-Seed"
+PARAMS_HEADER = "X-Params"
 JSON_TYPE = "application/json"
 #: a request is a few short fields; two maximal prompts, JSON-escaped, fit well inside this
 MAX_BODY_BYTES = 256 * 1024
@@ -149,7 +152,25 @@ class Generator:
     async def generate(self, body: bytes) -> Reply:
         """``POST /generate``."""
         try:
-            ticket = self.engine.submit(**parse_generate_body(body))
+            kwargs = parse_generate_body(body)
+            if "image" in kwargs:
+                from .b64images import decode_image
+
+                kwargs["image"] = await asyncio.to_thread(decode_image, kwargs["image"], "image")
+        except (TrtSdError, ValueError) as e:
+            return _error_for(e)
+        except Exception:  # a bug, not the client's fault
+            log.exception("request parsing failed")
+            return error_reply(500, "internal error while reading the request")
+        return await self.generate_kwargs(kwargs)
+
+    async def generate_kwargs(self, kwargs: dict[str, Any], with_params: bool = False) -> Reply:
+        """One image from engine keyword arguments (the client-API adapters in the ingress call
+        this: no JSON round trip, an init image travels as a decoded array). ``with_params``
+        adds the result's parameters as JSON in an ``X-Params`` header (the adapters build the
+        WebUI ``info`` from it and strip it)."""
+        try:
+            ticket = self.engine.submit(**kwargs)
         except (TrtSdError, ValueError) as e:
             return _error_for(e)
         except Exception:  # a bug, not the client's fault; never a "retry" 503 from the ingress
@@ -172,7 +193,10 @@ class Generator:
             log.exception("generation failed")
             return error_reply(500, "internal error while generating the image")
         png = await asyncio.get_running_loop().run_in_executor(None, self._png, result)
-        return Reply(200, png, "image/png", {SEED_HEADER: str(result.params["seed"])})
+        headers = {SEED_HEADER: str(result.params["seed"])}
+        if with_params:
+            headers[PARAMS_HEADER] = json.dumps(result.params, default=str)
+        return Reply(200, png, "image/png", headers)
 
     def _png(self, result: Generated) -> bytes:
         from trt_sd.runtime.infotext import format_infotext, save_png
