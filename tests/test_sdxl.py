@@ -85,7 +85,7 @@ def test_export_writes_both_text_encoders_and_the_family(pipe: Pipeline) -> None
         "text_embeds",
         "time_ids",
     ]
-    assert unet.inputs[2]["shape"] == ["unet_batch", 77, 32 + 48]  # CLIP-L + bigG widths
+    assert unet.inputs[2]["shape"] == ["unet_batch", "text_length", 32 + 48]  # CLIP-L + bigG
     te2 = manifest.components["text_encoder_2"]
     assert [t["name"] for t in te2.outputs] == ["text_embeddings", "text_embeds"]
     for entry in manifest.components.values():
