@@ -103,3 +103,26 @@ def test_cli_emphasis_is_stored_and_reused(capsys, tmp_path: Path) -> None:
     assert "Emphasis: None" in read_infotext(again)
     assert main([*argv, "--emphasis", "loud"]) == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_text_length_range_follows_prompt_chunks_and_static_shapes() -> None:
+    from types import SimpleNamespace
+
+    from trt_sd.export.api import text_length_range
+
+    ckpt = SimpleNamespace(dims=ModelDims())
+    assert text_length_range(resolve_options(), ckpt) == Range(77, 77, 231)
+    assert text_length_range(resolve_options(prompt_chunks=1), ckpt) == Range(77, 77, 77)
+    static = resolve_options(prompt_chunks=4, trt_static_shapes=True)
+    assert text_length_range(static, ckpt) == Range(77, 77, 77)  # pinned at the optimum
+
+
+def test_export_cli_has_prompt_chunks() -> None:
+    import argparse
+
+    from trt_sd.export.cli import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args(["--prompt-chunks", "5"]).prompt_chunks == 5
+    assert parser.parse_args([]).prompt_chunks == 3
