@@ -34,7 +34,7 @@ def test_sd_dims_dict_is_unchanged_and_sdxl_context_is_both_widths() -> None:
         "vae_scale_factor",
     }
     unet = SDXL.components(SDXL_DIMS)["unet"]
-    assert unet.input(CONTEXT).shape == ("unet_batch", 77, 2048)
+    assert unet.input(CONTEXT).shape == ("unet_batch", "text_length", 2048)
     assert SDXL.unet_conditioning(unet) == [CONTEXT, "text_embeds", "time_ids"]
     assert ModelDims.from_dict(SDXL_DIMS.to_dict()) == SDXL_DIMS
 
