@@ -231,8 +231,11 @@ def test_empty_prompt_is_allowed_and_overlong_prompt_warns(
 ) -> None:
     assert pipe("", steps=1, seed=0).images
     with caplog.at_level(logging.WARNING, logger="trt_sd.runtime"):
-        pipe(" ".join(["cat"] * 100), steps=1, seed=0)
-    assert "truncated" in caplog.text
+        pipe(" ".join(["cat"] * 100), steps=1, seed=0)  # two chunks: within the 3 exported
+    assert caplog.text == ""
+    with caplog.at_level(logging.WARNING, logger="trt_sd.runtime"):
+        pipe(" ".join(["cat"] * 300), steps=1, seed=0)
+    assert "longer than this engine takes" in caplog.text and "dropped" in caplog.text
 
 
 class _NaNBackend:
