@@ -25,7 +25,6 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 
-
 def _one_token_words() -> list[str]:
     from trt_sd.runtime.tokenizer import ClipTokenizer
 

@@ -85,7 +85,8 @@ def test_refiner_engine_directory(pipe: Pipeline) -> None:
         manifest.tokenizer["vocab"] == "tokenizer/vocab.json"
     )  # from the checkpoint's tokenizer_2
     assert manifest.components["unet"].inputs[4]["shape"] == ["unet_batch", 5]  # + aesthetic score
-    assert manifest.components["unet"].inputs[2]["shape"] == ["unet_batch", 77, 48]  # bigG alone
+    # the context: bigG alone
+    assert manifest.components["unet"].inputs[2]["shape"] == ["unet_batch", "text_length", 48]
 
 
 @pytest.mark.parametrize(
