@@ -126,3 +126,18 @@ def test_export_cli_has_prompt_chunks() -> None:
     add_arguments(parser)
     assert parser.parse_args(["--prompt-chunks", "5"]).prompt_chunks == 5
     assert parser.parse_args([]).prompt_chunks == 3
+
+
+def test_bad_emphasis_is_one_input_error_before_any_engine_runs() -> None:
+    from trt_sd.runtime import Pipeline
+    from trt_sd.runtime.serve.engine import BatchingEngine
+
+    pipe = Pipeline.load(tiny_engines(), backend="onnxruntime-cpu")
+    with pytest.raises(InputError, match="emphasis must be one of original, no_norm"):
+        pipe("a cat", emphasis="loud", steps=1)
+    engine = BatchingEngine(pipe)
+    try:
+        with pytest.raises(InputError, match="emphasis must be one of"):
+            engine.submit(prompt="a cat", emphasis=None)
+    finally:
+        engine.close()
