@@ -182,7 +182,7 @@ def test_fake_quant_torch_model_is_the_graph(tiny: Path, tmp_path: Path):
     trace = random_inputs(component, trace_sizes("unet", 1, 2), "fp32", rng, **kw)
     path = tmp_path / "unet.onnx"
     export_onnx(wrapper, component, trace, path, opset=17, fp16=False)
-    sizes = {"unet_batch": 2, "latent_height": 8, "latent_width": 8}
+    sizes = {"unet_batch": 2, "latent_height": 8, "latent_width": 8, "text_length": 77}
     feeds = random_inputs(component, sizes, "fp32", rng, **kw)
     args = [torch.from_numpy(v) for v in feeds.values()]
     selection = select_layers(wrapper.unet)
