@@ -141,3 +141,11 @@ def test_bad_emphasis_is_one_input_error_before_any_engine_runs() -> None:
             engine.submit(prompt="a cat", emphasis=None)
     finally:
         engine.close()
+
+
+def test_generate_body_takes_emphasis() -> None:
+    from trt_sd.runtime.serve.replica import parse_generate_body
+
+    assert parse_generate_body(b'{"prompt": "a (cat)", "emphasis": "none"}')["emphasis"] == "none"
+    with pytest.raises(InputError, match="emphasis must be a string"):
+        parse_generate_body(b'{"emphasis": 3}')

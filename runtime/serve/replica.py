@@ -51,8 +51,9 @@ FIELDS = (
     "guidance_rescale",
     "image",  # img2img: the init image, base64 (PNG / JPEG / WebP), a data: URL allowed
     "strength",
+    "emphasis",  # how (word:1.3) weights the prompt: original, no_norm, ignore, none
 )
-_STRING_FIELDS = ("prompt", "negative_prompt", "sampler")
+_STRING_FIELDS = ("prompt", "negative_prompt", "sampler", "emphasis")
 SEED_HEADER = "X-Seed"
 PARAMS_HEADER = "X-Params"
 JSON_TYPE = "application/json"
