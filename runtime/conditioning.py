@@ -98,8 +98,11 @@ class TextConditioner:
             if enc.component in manifest.components
         }
 
-    def tokenize(self, texts: tuple[str, ...], emphasis: str) -> dict[str, PromptBatch]:
-        """Each encoder's chunks of ``texts``, every encoder padded to the same chunk count."""
+    def tokenize(
+        self, texts: tuple[str, ...], emphasis: str, limit: bool = True
+    ) -> dict[str, PromptBatch]:
+        """Each encoder's chunks of ``texts``, every encoder padded to the same chunk count
+        (``limit``: at most :attr:`max_chunks`, the rest dropped with a warning)."""
 
         def chunk(component: str, min_chunks: int = 1) -> PromptBatch:
             return tokenize_prompts(
@@ -109,7 +112,7 @@ class TextConditioner:
                 # one chunk: plain truncation, as the plain tokenizer does (no word wrap)
                 comma_backtrack=COMMA_BACKTRACK if self.max_chunks > 1 else 0,
                 min_chunks=min_chunks,
-                max_chunks=self.max_chunks,
+                max_chunks=self.max_chunks if limit else None,
             )
 
         batches = {enc.component: chunk(enc.component) for enc in self.family.text_encoders}
@@ -117,8 +120,10 @@ class TextConditioner:
         return {c: b if b.chunks == n else chunk(c, n) for c, b in batches.items()}
 
     def sequence_length(self, texts: tuple[str, ...], emphasis: str = "original") -> int:
-        """The context length (chunks * 77) that encoding ``texts`` together gives."""
-        return next(iter(self.tokenize(texts, emphasis).values())).sequence_length
+        """The context length (chunks * 77) that encoding ``texts`` together gives (without
+        the truncation warning: encoding them gives it)."""
+        batch = next(iter(self.tokenize(texts, emphasis, limit=False).values()))
+        return min(batch.chunks, self.max_chunks) * batch.ids.shape[2]
 
     def encoder_outputs(
         self,
