@@ -5,7 +5,12 @@
 1. TensorRT, when ``import tensorrt`` works, a GPU is present and the TensorRT runtime backend
    (module :data:`TENSORRT_MODULE`, written by the TensorRT work) says it can serve the file;
 2. ONNX Runtime with the CUDA provider, when onnxruntime-gpu is installed and a GPU is present;
-3. ONNX Runtime on the CPU.
+3. OpenVINO in bf16 (``openvino``), when it is installed, the CPU computes bf16 natively
+   (:func:`.hardware.cpu_bf16`) and the engine is a float ONNX graph: there it runs the UNet
+   ~1.5x faster than ONNX Runtime at the same prompt accuracy (docs/benchmarks.md "## CPU
+   peers", docs/quality.md "## bf16 on the CPU"). Without native bf16 OpenVINO's fp32 is no
+   faster than ONNX Runtime's, so ONNX Runtime stays;
+4. ONNX Runtime on the CPU.
 
 The TensorRT hook is a module, not a hard import, so the runtime works (and this choice stays
 correct) in installs without TensorRT. The module must provide
@@ -25,9 +30,21 @@ from trt_sd.models.manifest import ComponentEntry
 from trt_sd.models.tensorrt_check import INSTALL_HINT, import_tensorrt
 
 from .base import EngineBackend, IOSpec, io_specs
-from .hardware import cuda_device_count, physical_cores
+from .hardware import cpu_bf16, cuda_device_count, physical_cores
 
-BACKEND_CHOICES = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cuda", "onnxruntime-cpu")
+BACKEND_CHOICES = (
+    "auto",
+    "tensorrt",
+    "onnxruntime",
+    "onnxruntime-cuda",
+    "onnxruntime-cpu",
+    "openvino",
+    "openvino-fp32",
+    "openvino-bf16",
+)
+OPENVINO_KINDS = ("openvino", "openvino-fp32", "openvino-bf16")
+#: engine precisions ``auto`` hands to OpenVINO on bf16 CPUs (see :func:`openvino_wins`)
+OPENVINO_AUTO_PRECISIONS = ("fp32",)
 TENSORRT_MODULE = "trt_sd.runtime.backends.tensorrt"
 
 __all__ = [
@@ -35,8 +52,10 @@ __all__ = [
     "EngineBackend",
     "IOSpec",
     "create_backend",
+    "cpu_bf16",
     "cuda_device_count",
     "io_specs",
+    "openvino_wins",
     "physical_cores",
     "resolve_backend",
 ]
@@ -66,14 +85,39 @@ def _tensorrt_serves(entry: ComponentEntry) -> bool:
         return False
 
 
+def openvino_wins(entry: ComponentEntry) -> bool:
+    """``auto``'s CPU choice: OpenVINO for float ONNX graphs on CPUs with native bf16, when it
+    is installed (checked without importing it)."""
+    from .openvino import openvino_installed
+
+    return (
+        entry.backend == "onnxruntime"
+        and entry.precision in OPENVINO_AUTO_PRECISIONS
+        and cpu_bf16()
+        and openvino_installed()
+    )
+
+
 def resolve_backend(requested: str, entry: ComponentEntry) -> str:
-    """The concrete backend for one component: "tensorrt", "onnxruntime-cuda" or
-    "onnxruntime-cpu". Raises InputError for an unknown name or an impossible pairing and
-    BackendUnavailableError (with an install hint) when the library is missing."""
+    """The concrete backend for one component: "tensorrt", "onnxruntime-cuda",
+    "onnxruntime-cpu" or one of :data:`OPENVINO_KINDS`. Raises InputError for an unknown name
+    or an impossible pairing and BackendUnavailableError (with an install hint) when the
+    library is missing."""
     if requested not in BACKEND_CHOICES:
         raise InputError(f"unknown backend {requested!r}; choose from {', '.join(BACKEND_CHOICES)}")
     from .onnxruntime import cuda_provider_usable  # cheap: onnxruntime itself loads lazily
 
+    if requested in OPENVINO_KINDS:
+        if entry.backend == "tensorrt":
+            raise InputError(
+                f"component {entry.name} is a TensorRT engine ({entry.file}); OpenVINO cannot "
+                "run it: export ONNX engines (trt-sd export --backend onnxruntime)"
+            )
+        from .openvino import import_openvino, inference_precision
+
+        inference_precision(requested)  # BackendUnavailableError: bf16 asked, CPU lacks it
+        import_openvino()
+        return requested
     if entry.backend == "tensorrt":
         if requested not in ("auto", "tensorrt"):
             raise InputError(
@@ -95,6 +139,8 @@ def resolve_backend(requested: str, entry: ComponentEntry) -> str:
         return "onnxruntime-cpu"
     if requested == "onnxruntime-cuda" or cuda_provider_usable():
         return "onnxruntime-cuda"
+    if requested == "auto" and openvino_wins(entry):
+        return "openvino"
     return "onnxruntime-cpu"
 
 
@@ -112,6 +158,14 @@ def create_backend(
     """
     kind = resolve_backend(requested, entry)
     path = Path(engine_dir) / entry.file
+    if kind in OPENVINO_KINDS:
+        if device_id is not None:
+            raise InputError(
+                f"devices=[{device_id}] needs a GPU backend, but --backend {kind} runs on the CPU"
+            )
+        from .openvino import OpenVinoBackend
+
+        return OpenVinoBackend(path, component, entry, kind)
     if kind == "onnxruntime-cpu":
         if device_id is not None:
             raise InputError(
