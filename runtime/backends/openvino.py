@@ -81,20 +81,28 @@ class OpenVinoBackend(EngineBackend):
     """One compiled OpenVINO model on the CPU; infer requests are pooled for concurrent calls."""
 
     def __init__(
-        self, path: Path, component: Component, entry: ComponentEntry, kind: str = "openvino"
+        self,
+        path: Path,
+        component: Component,
+        entry: ComponentEntry,
+        kind: str = "openvino",
+        config: dict[str, Any] | None = None,
     ) -> None:
+        """``config``: OpenVINO properties instead of trt-sd's (``{}`` = OpenVINO's defaults,
+        how bench/bench_cpu_peers.py measures the peer)."""
         super().__init__(component, entry)
         self.precision = inference_precision(kind)
         ov = import_openvino()
         from .onnxruntime import intra_op_threads  # the shared thread knob; no ORT import
 
         self.kind = kind
-        config = {
-            "INFERENCE_PRECISION_HINT": self.precision,
-            "INFERENCE_NUM_THREADS": intra_op_threads(),
-            "PERFORMANCE_HINT": "LATENCY",
-            "NUM_STREAMS": 1,
-        }
+        if config is None:
+            config = {
+                "INFERENCE_PRECISION_HINT": self.precision,
+                "INFERENCE_NUM_THREADS": intra_op_threads(),
+                "PERFORMANCE_HINT": "LATENCY",
+                "NUM_STREAMS": 1,
+            }
         try:
             core = ov.Core()
             self.compiled = core.compile_model(str(path), "CPU", config)
