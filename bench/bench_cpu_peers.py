@@ -14,7 +14,8 @@ Runtime; OpenVINO reads them as they are):
 * ``sd.cpp``: stable-diffusion.cpp through ``stable_diffusion_cpp`` (ggml, the only other
   torch-free runtime) on the diffusers folder ``--model``; skipped when not installed. It
   exposes no UNet call, so its UNet figure is the cost of one more sampling step (two CFG rows),
-  ``(t(steps=6) - t(steps=2)) / 4`` of whole generations;
+  ``t(steps=2) - t(steps=1)`` of whole generations. Opt-in (``--sdcpp``): on the shared 2-core
+  dev machine it took ~53 s per step at 256² (docs/benchmarks.md), minutes per round;
 * ``diffusers`` (``e2e`` only): torch, the reference of the end-to-end goal.
 
 ``unet``: per call at 2 rows (one CFG image) for each ``--sizes``, contenders alternating within
@@ -115,13 +116,42 @@ def trt_sd_component(engines: Path, name: str, backend: str, feeds: dict) -> tup
     return (lambda: engine.run(feeds)), engine.kind
 
 
+def sdcpp_folder(model: Path) -> Path:
+    """``model`` as stable-diffusion.cpp's diffusers reader wants it: transformers 5 saves
+    ``CLIPTextModel`` keys without the ``text_model.`` prefix, which sd.cpp needs to recognise
+    the text encoder (and so the SD version). A sibling folder links the UNet and VAE and holds
+    a re-keyed copy of the text encoder."""
+    from safetensors.numpy import load_file, save_file
+
+    out = model.parent / f"{model.name}-sdcpp"
+    te = out / "text_encoder" / "model.safetensors"
+    if te.is_file():
+        return out
+    for sub in ("unet", "vae"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+        link = out / sub / "diffusion_pytorch_model.safetensors"
+        if not link.exists():
+            link.symlink_to(model / sub / "diffusion_pytorch_model.safetensors")
+    tensors = load_file(str(model / "text_encoder" / "model.safetensors"))
+    keyed = {
+        k
+        if k.startswith("text_model.") or k.startswith("text_projection")
+        else f"text_model.{k}": v
+        for k, v in tensors.items()
+    }
+    te.parent.mkdir(parents=True, exist_ok=True)
+    save_file(keyed, str(te))
+    return out
+
+
 def sdcpp(model: Path, threads: int) -> Any:
     """A stable-diffusion.cpp context on the diffusers folder, or None when not installed."""
     try:
         from stable_diffusion_cpp import StableDiffusion
     except ImportError:
         return None
-    return StableDiffusion(model_path=str(model), n_threads=threads, verbose=False)
+    folder = sdcpp_folder(model)
+    return StableDiffusion(model_path=str(folder), n_threads=threads, verbose=False)
 
 
 def sdcpp_generate(sd: Any, size: int, steps: int) -> Call:
@@ -131,7 +161,7 @@ def sdcpp_generate(sd: Any, size: int, steps: int) -> Call:
         width=size,
         height=size,
         cfg_scale=7.5,
-        sample_method="dpmpp2m",
+        sample_method="dpm++2m",
         sample_steps=steps,
         seed=0,
     )
@@ -171,7 +201,7 @@ def run_unet(args: argparse.Namespace) -> dict[str, Any]:
 
     dims = Manifest.load(engines).dims
     unet_path = engines / Manifest.load(engines).components["unet"].file
-    sd = sdcpp(Path(args.model), threads) if args.model and not args.no_sdcpp else None
+    sd = sdcpp(Path(args.model), threads) if args.model and args.sdcpp else None
     report: dict[str, Any] = {}
     for size in args.sizes:
         feeds = unet_feeds(size, dims.vae_scale_factor, dims.text_hidden_size)
@@ -180,15 +210,15 @@ def run_unet(args: argparse.Namespace) -> dict[str, Any]:
         calls["trt-sd onnxruntime"] = trt_sd_component(engines, "unet", "onnxruntime-cpu", feeds)[0]
         calls["openvino default"] = ov_default(unet_path, feeds)
         if sd is not None:
-            two, six = sdcpp_generate(sd, size, 2), sdcpp_generate(sd, size, 6)
-            calls["sd.cpp (2 steps)"], calls["sd.cpp (6 steps)"] = two, six
+            one, two = sdcpp_generate(sd, size, 1), sdcpp_generate(sd, size, 2)
+            calls["sd.cpp (1 step)"], calls["sd.cpp (2 steps)"] = one, two
         calls["matmul peak bf16"] = matmul_peak("bf16", threads)
         calls["matmul peak fp32"] = matmul_peak("f32", threads)
         load = os.getloadavg()[0]
         times = alternate(calls, args.rounds)
         if sd is not None:
-            six_t, two_t = times.pop("sd.cpp (6 steps)"), times.pop("sd.cpp (2 steps)")
-            times["sd.cpp (per step)"] = [(a - b) / 4 for a, b in zip(six_t, two_t, strict=True)]
+            two_t, one_t = times.pop("sd.cpp (2 steps)"), times.pop("sd.cpp (1 step)")
+            times["sd.cpp (per step)"] = [a - b for a, b in zip(two_t, one_t, strict=True)]
         peak = {
             p: 2 * PEAK_N**3 / 1e9 / min(times.pop(f"matmul peak {p}")) for p in ("bf16", "fp32")
         }
@@ -250,7 +280,7 @@ def run_e2e(args: argparse.Namespace) -> dict[str, Any]:
     for label, pipe in pipes.items():
         calls[label] = lambda p=pipe: p(PROMPT, NEGATIVE, **kwargs)
     kinds = sorted({e.kind for e in pipes["trt-sd default"].engines.values()})
-    sd = sdcpp(Path(args.model), args.threads) if args.model and not args.no_sdcpp else None
+    sd = sdcpp(Path(args.model), args.threads) if args.model and args.sdcpp else None
     if sd is not None:
         calls["sd.cpp"] = sdcpp_generate(sd, size, steps)
     if args.model and not args.no_diffusers:
@@ -313,7 +343,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="e2e: sampling steps")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="0: physical cores")
-    parser.add_argument("--no-sdcpp", action="store_true")
+    parser.add_argument("--sdcpp", action="store_true", help="include stable-diffusion.cpp")
     parser.add_argument("--no-diffusers", action="store_true")
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args()
