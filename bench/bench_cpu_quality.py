@@ -8,10 +8,11 @@ fp32 reference (ONNX Runtime, fp32 engines) with the harness of the INT8 section
 prompts ("a handwritten digit {word}", ``--images-per-digit`` per digit), DPM++ 2M, 20 steps,
 CFG 7.5 (the model's default), the same seeded starting noise for every row; prompt accuracy
 by the held-out judge (``DigitJudge``), PSNR of each image against the fp32 reference image
-(pixels in [0, 1]; mean and worst image), and seconds per row (under load: not a speed figure). Rows: fp32 engines on ONNX
-Runtime, OpenVINO fp32 and OpenVINO bf16; INT8 engines (the default recipe) on ONNX Runtime
-and on OpenVINO (``openvino``: bf16 for the float parts OpenVINO does not run in int8). Engines of the bundled model are exported
-into ``--work`` once (reused when unchanged).
+(pixels in [0, 1]; mean and worst image), and seconds per row (under load: not a speed
+figure). Rows: fp32 engines on ONNX Runtime, OpenVINO fp32 and OpenVINO bf16; INT8 engines
+(the default recipe) on ONNX Runtime and on OpenVINO (``openvino``: bf16 for the float parts
+OpenVINO does not run in int8). Engines of the bundled model are exported into ``--work`` once
+(reused when unchanged).
 """
 
 from __future__ import annotations

@@ -120,9 +120,10 @@ def test_concurrent_calls_share_one_backend() -> None:
         np.testing.assert_array_equal(results[i], alone[i])
 
 
-def _entry(**changes: str):
+def _entry(size: int = 2**30, **changes: str):
+    """The tiny UNet's manifest entry, recorded as ``size`` bytes (SD-size by default)."""
     entry = Manifest.load(tiny_engines()).components["unet"]
-    return dataclasses.replace(entry, **changes)
+    return dataclasses.replace(entry, extra={**entry.extra, "bytes": size}, **changes)
 
 
 @pytest.fixture
@@ -149,6 +150,14 @@ def test_auto_choice(cpu_only, bf16: bool, installed: bool, precision: str, want
     cpu_only.setattr(backends, "cpu_bf16", lambda: bf16)
     cpu_only.setattr(openvino, "openvino_installed", lambda: installed)
     assert resolve_backend("auto", _entry(precision=precision)) == want
+
+
+def test_auto_keeps_small_engines_on_onnxruntime(cpu_only) -> None:
+    """Below OPENVINO_AUTO_MIN_BYTES a call is overhead, where ONNX Runtime is faster."""
+    cpu_only.setattr(backends, "cpu_bf16", lambda: True)
+    cpu_only.setattr(openvino, "openvino_installed", lambda: True)
+    assert resolve_backend("auto", _entry(size=12 * 2**20)) == "onnxruntime-cpu"
+    assert resolve_backend("openvino", _entry(size=12 * 2**20)) == "openvino"
 
 
 def test_auto_never_hands_tensorrt_engines_to_openvino(cpu_only) -> None:

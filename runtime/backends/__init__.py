@@ -45,6 +45,10 @@ BACKEND_CHOICES = (
 OPENVINO_KINDS = ("openvino", "openvino-fp32", "openvino-bf16")
 #: engine precisions ``auto`` hands to OpenVINO on bf16 CPUs (see :func:`openvino_wins`)
 OPENVINO_AUTO_PRECISIONS = ("fp32",)
+#: Smallest engine (bytes, weights included) ``auto`` hands to OpenVINO: on the bundled model's
+#: 12 MB UNet a call is per-call overhead, and ONNX Runtime's is lower (0.014 vs 0.024 s per
+#: CFG call, docs/benchmarks.md "## CPU peers"); SD-size components (>= 100 MB) are compute.
+OPENVINO_AUTO_MIN_BYTES = 64 * 2**20
 TENSORRT_MODULE = "trt_sd.runtime.backends.tensorrt"
 
 __all__ = [
@@ -86,13 +90,15 @@ def _tensorrt_serves(entry: ComponentEntry) -> bool:
 
 
 def openvino_wins(entry: ComponentEntry) -> bool:
-    """``auto``'s CPU choice: OpenVINO for float ONNX graphs on CPUs with native bf16, when it
-    is installed (checked without importing it)."""
+    """``auto``'s CPU choice: OpenVINO for fp32 ONNX graphs of at least
+    :data:`OPENVINO_AUTO_MIN_BYTES` on CPUs with native bf16, when it is installed (checked
+    without importing it)."""
     from .openvino import openvino_installed
 
     return (
         entry.backend == "onnxruntime"
         and entry.precision in OPENVINO_AUTO_PRECISIONS
+        and int(entry.extra.get("bytes", 0)) >= OPENVINO_AUTO_MIN_BYTES
         and cpu_bf16()
         and openvino_installed()
     )
