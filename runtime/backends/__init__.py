@@ -6,7 +6,8 @@
    (module :data:`TENSORRT_MODULE`, written by the TensorRT work) says it can serve the file;
 2. ONNX Runtime with the CUDA provider, when onnxruntime-gpu is installed and a GPU is present;
 3. OpenVINO in bf16 (``openvino``), when it is installed, the CPU computes bf16 natively
-   (:func:`.hardware.cpu_bf16`) and the engine is a float ONNX graph: there it runs the UNet
+   (:func:`.hardware.cpu_bf16`) and the engine is an fp32 ONNX graph of SD size
+   (:data:`OPENVINO_AUTO_MIN_BYTES`): there it runs the UNet
    ~1.5x faster than ONNX Runtime at the same prompt accuracy (docs/benchmarks.md "## CPU
    peers", docs/quality.md "## bf16 on the CPU"). Without native bf16 OpenVINO's fp32 is no
    faster than ONNX Runtime's, so ONNX Runtime stays;
