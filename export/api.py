@@ -23,7 +23,7 @@ from trt_sd.models.descriptors import UNET, VAE_DECODER, VAE_ENCODER
 
 from . import engine_dir
 from .build_context import BuildContext
-from .checkpoint import TOKENIZER_FILES, Checkpoint, locate
+from .checkpoint import TOKENIZER_FILES, Checkpoint, locate, sha256_file
 from .component_build import build_component
 from .options import DEFAULT_PROMPT_CHUNKS, ExportOptions, resolve_options
 from .partition import build_unet_sections, resolve_unet_cut
@@ -182,6 +182,13 @@ def _run(ctx: BuildContext, unet_cut: tuple[int | None, int | None] | None) -> N
         entries[name] = entry
     _copy_tokenizer(ctx)
     raw = _manifest(ctx, entries, reused, time.perf_counter() - started)
+    for key in ctx.ckpt.tokenizer_entries():  # the runtime verifies these like engine files
+        tok = raw[key]
+        tok["sha256"] = {
+            part: sha256_file(ctx.build / tok[part])
+            for part in ("vocab", "merges")
+            if (ctx.build / tok[part]).is_file()
+        }
     Manifest.from_dict(raw).write(ctx.build)
 
 

@@ -231,6 +231,9 @@ def half_copy(module: nn.Module) -> nn.Module:
             sub.float()
             sub.register_forward_pre_hook(_inputs_to_fp32)
             sub.register_forward_hook(_output_to_fp16)
+    # The component's outputs are fp16 as its descriptor says, whatever dtype an inner layer
+    # hands back (a CLIP hidden state taken from ``hidden_states`` can come out fp32).
+    half.register_forward_hook(_output_to_fp16)
     return half
 
 
@@ -238,5 +241,11 @@ def _inputs_to_fp32(_mod: nn.Module, args: tuple) -> tuple:
     return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
-def _output_to_fp16(_mod: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
-    return output.half()
+def _output_to_fp16(_mod: nn.Module, _args: tuple, output: Any) -> Any:
+    if isinstance(output, tuple):
+        return tuple(_fp16(o) for o in output)
+    return _fp16(output)
+
+
+def _fp16(value: Any) -> Any:
+    return value.half() if torch.is_tensor(value) and value.is_floating_point() else value

@@ -143,22 +143,39 @@ def component_files(entry: Any) -> Iterable[tuple[str, str, str]]:
 
 
 def verify_components(engine_dir: str | os.PathLike[str], manifest: Any) -> None:
-    """Hash every file the manifest's components load and compare with the recorded sha256
-    (stamps make repeat loads free). ManifestError naming the first file that differs."""
+    """Hash every file the manifest's components and tokenizers load and compare with the
+    recorded sha256 (stamps make repeat loads free). ManifestError naming the first file that
+    differs."""
     root = Path(engine_dir)
     for entry in manifest.components.values():
         for name, recorded, role in component_files(entry):
-            path = inside(root, name, f"{role} of component {entry.name}")
-            try:
-                actual = file_digest(path)
-            except OSError as e:
-                raise ManifestError(
-                    f"{role} {name} (component {entry.name}) cannot be read: "
-                    f"{e.strerror or type(e).__name__}"
-                ) from None
-            if actual != recorded:
-                raise ManifestError(
-                    f"{role} {name} (component {entry.name}) does not match the sha256 its "
-                    "manifest records: the file was modified or damaged after export; "
-                    "re-export the engine directory"
-                )
+            _verify(root, name, recorded, role, f"component {entry.name}")
+    for key, name, recorded in tokenizer_files(manifest.raw):
+        _verify(root, name, recorded, "tokenizer file", key)
+
+
+def tokenizer_files(raw: Any) -> Iterable[tuple[str, str, str]]:
+    """(manifest key, file, recorded sha256) of the tokenizer files whose digests the manifest
+    records (exports since the digests were added record them; older ones are only contained)."""
+    for key, value in raw.items():
+        if not (key == "tokenizer" or key.startswith("tokenizer_")) or not isinstance(value, dict):
+            continue
+        digests = value.get("sha256") or {}
+        for part in ("vocab", "merges"):
+            if part in digests:
+                yield key, str(value[part]), str(digests[part])
+
+
+def _verify(root: Path, name: str, recorded: str, role: str, owner: str) -> None:
+    path = inside(root, name, f"{role} of {owner}")
+    try:
+        actual = file_digest(path)
+    except OSError as e:
+        raise ManifestError(
+            f"{role} {name} ({owner}) cannot be read: {e.strerror or type(e).__name__}"
+        ) from None
+    if actual != recorded:
+        raise ManifestError(
+            f"{role} {name} ({owner}) does not match the sha256 its manifest records: the file "
+            "was modified or damaged after export; re-export the engine directory"
+        )

@@ -131,6 +131,7 @@ TOKENIZER = obj(
         **{k: opt(string(max_len=256)) for k in ("bos", "eos", "pad", "unk")},
         **{f"{k}_token": opt(string(max_len=256)) for k in ("bos", "eos", "pad", "unk")},
         "do_lower_case": opt(boolean),
+        "sha256": opt(obj({"vocab": opt(sha256), "merges": opt(sha256)})),
     }
 )
 

@@ -248,6 +248,23 @@ def test_modified_engine_file_is_refused(engines_copy: Path, tmp_path: Path, mon
         verify_components(engines_copy, manifest)
 
 
+def test_modified_tokenizer_file_is_refused(
+    engines_copy: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Tokenizer files are verified like engine files: a swapped vocabulary would silently
+    change every prompt's token ids."""
+    from trt_sd.models.integrity import verify_components
+
+    monkeypatch.setenv("TRT_SD_HOME", str(tmp_path / "home"))
+    manifest = Manifest.load(engines_copy)
+    assert set(manifest.raw["tokenizer"]["sha256"]) == {"vocab", "merges"}
+    verify_components(engines_copy, manifest)
+    merges = engines_copy / manifest.raw["tokenizer"]["merges"]
+    merges.write_text(merges.read_text("utf-8") + "x y\n", "utf-8")
+    with pytest.raises(ManifestError, match=r"tokenizer file tokenizer/merges\.txt \(tokenizer\)"):
+        verify_components(engines_copy, manifest)
+
+
 def test_stamp_is_keyed_on_identity(tmp_path: Path, monkeypatch) -> None:
     from trt_sd.models import integrity
 

@@ -247,11 +247,13 @@ def test_bad_input(tok) -> None:
 
 def test_with_the_runtime_text_encoder_engine() -> None:
     """Wired to a real exported text encoder (ONNX Runtime): a plain short prompt gives
-    exactly the plain tokenizer's embeddings; a ~200-token one comes out 3 x 77 long,
+    exactly the pipeline's text step's embeddings; a ~200-token one comes out 3 x 77 long,
     encoded in calls no larger than the engine's batch range."""
     pytest.importorskip("torch")
     from runtime_engines import tiny_engines
 
+    from trt_sd.models.descriptors import CONTEXT
+    from trt_sd.models.families import PromptRows
     from trt_sd.runtime import Pipeline
 
     pipe = Pipeline.load(tiny_engines(), backend="onnxruntime-cpu")
@@ -264,12 +266,16 @@ def test_with_the_runtime_text_encoder_engine() -> None:
         out = engine.run({spec.inputs[0].name: ids})[spec.outputs[0].name]
         return engine.to_host(out)
 
+    def encode_text(texts: list[str]) -> np.ndarray:  # the pipeline's own text step
+        rows = PromptRows.for_request(texts, [], False, (16, 16), {})
+        return np.asarray(pipe.encode_conditioning(rows)[CONTEXT])
+
     short = ["painting", "a photo of an astronaut riding a horse on the moon"]
     got = encode_long_prompts(encode, pipe.tokenizer, short)
-    np.testing.assert_array_equal(got, encode(pipe.tokenizer(short)))
+    np.testing.assert_array_equal(got, encode_text(short))
     long = "a photo of an astronaut riding a horse on the moon, (seven:1.2), " * 12
     hidden = encode_long_prompts(encode, pipe.tokenizer, ["", long] * 2, max_rows=max_rows)
     assert hidden.shape == (4, 3 * 77, got.shape[-1]) and np.isfinite(hidden).all()
-    empty = encode(pipe.tokenizer([""]))[0]
+    empty = encode_text([""])[0]
     for k in range(3):  # the empty prompt, padded with empty-prompt chunks
         np.testing.assert_array_equal(hidden[0, 77 * k : 77 * (k + 1)], empty)

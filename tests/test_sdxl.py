@@ -228,3 +228,21 @@ def test_split_unet_and_deepcache_on_sdxl(pipe, tmp_path) -> None:
     assert _max_diff(dc(PROMPT, "dog", deepcache=1, **kw).images, np.stack(whole)) <= 1
     cached = dc(PROMPT, "dog", deepcache=2, **kw)
     assert cached.params["deepcache"]["shallow_calls"] == 2
+
+
+def test_fp16_engines_give_fp16_outputs_and_an_image(tmp_path) -> None:
+    """fp16 text encoders return fp16 hidden states as their descriptors say (the penultimate
+    CLIP state came out fp32, so the UNet got a float32 context it does not take)."""
+    import onnx
+
+    from trt_sd.export import export_model
+
+    out = tmp_path / "fp16"
+    manifest = export_model(
+        tiny_sdxl_model(), out, precision="fp16", batch="1:2", progress=False
+    )
+    for name in ("text_encoder", "text_encoder_2", "unet"):
+        graph = onnx.load(out / manifest.components[name].file, load_external_data=False).graph
+        assert {o.type.tensor_type.elem_type for o in graph.output} == {onnx.TensorProto.FLOAT16}
+    image = Pipeline.load(out, backend="onnxruntime-cpu")("a cat", steps=2, seed=1).images[0]
+    assert image.shape == (SIZE, SIZE, 3) and image.std() > 0

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from runtime_engines import tiny_model
 
-from trt_sd.models import Manifest, all_components
+from trt_sd.models import Manifest
 from trt_sd.models.descriptors import Component
 from trt_sd.models.unet_plans import DeepCachePlan, UNetPartition
 
@@ -43,7 +43,7 @@ def _export(out: Path, **kwargs) -> Manifest:
 
 def descriptors(manifest: Manifest) -> dict[str, Component]:
     """The descriptor of every component in an engine directory (UNet sections included)."""
-    comps = dict(all_components(manifest.dims))
+    comps = dict(manifest.family.components(manifest.dims))
     if manifest.unet_partition:
         plan = UNetPartition.from_dict(manifest.unet_partition, manifest.dims)
         comps.update({c.name: c for c in plan.components()})
@@ -104,6 +104,25 @@ def test_fp16_engines_for_every_default_target(fp16_engines):
     # Same inputs again: every component is reused, nothing rebuilt.
     again = _export(out, precision="fp16")
     assert sorted(again.raw["export"]["reused"]) == sorted(manifest.components)
+
+
+def test_sdxl_engines(tmp_path, home):
+    """The SDXL family (two text encoders, a UNet with added conditioning) builds through the
+    same descriptor-driven path; every network matches its SDXL descriptor."""
+    from runtime_engines import tiny_sdxl_model
+
+    from trt_sd.export import export_model
+
+    out = tmp_path / "sdxl"
+    manifest = export_model(
+        tiny_sdxl_model(), out, backend="tensorrt-rtx", precision="fp16", batch="1:2",
+        progress=False, trt_compute_capabilities="8.6",
+    )  # fmt: skip
+    assert manifest.family.name == "sdxl"
+    assert {"text_encoder", "text_encoder_2", "unet"} <= set(manifest.components)
+    check_engines(out, manifest, ["8.6"])
+    unet_io = json.loads((out / "manifest.json").read_text())["components"]["unet"]["engine_io"]
+    assert {"text_embeds", "time_ids"} <= {t["name"] for t in unet_io["inputs"]}
 
 
 def test_int8_qdq_engines(tmp_path, home):

@@ -48,3 +48,26 @@ def cuda_device_count() -> int:
     except AttributeError:
         return 0
     return int(count.value)
+
+
+#: /proc/cpuinfo flags of native bf16 arithmetic: AVX512-BF16 (Cooper Lake, Zen 4/5) and AMX.
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@lru_cache(maxsize=1)
+def cpu_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU computes bf16 dot products natively (read from ``cpuinfo``'s flags).
+
+    Where it does, OpenVINO's bf16 matmuls and convolutions run ~1.5x faster than fp32; where
+    it does not, bf16 would be emulated and the CPU backends stay in fp32. Read from the flags,
+    not by importing OpenVINO, so ``backend="auto"`` decides in microseconds.
+    """
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return any(flag in flags for flag in BF16_FLAGS)
+    except OSError:
+        pass
+    return False
