@@ -8,8 +8,9 @@ from the installed TensorRT-RTX bindings (``scripts/generate_tensorrt_rtx_stubs.
 
 Decisions, and why:
 
-* **Strongly typed only.** TensorRT 11 removed weak typing (``BuilderFlag.FP16`` / ``INT8``,
-  calibrators, precision constraints, ``platform_has_fast_*``) and TensorRT-RTX never had it.
+* **Strongly typed only.** TensorRT 11 removed weak typing (the FP16 / INT8 builder flags, int8
+  calibrators, precision constraints, the fast-precision platform queries) and TensorRT-RTX
+  never had it.
   Precision therefore comes from the ONNX graph: fp16 engines from fp16 graphs (the fp32
   islands the export keeps stay fp32), int8 engines from explicit Q/DQ graphs, fp32 from fp32.
   ``tests/test_tensorrt_api.py`` fails if a removed name appears anywhere in our code.

@@ -26,7 +26,14 @@ from trt_sd.models.errors import InputError
 from .auth import OPEN_PATHS, UNAUTHORIZED, authorized
 from .catalog import ModelEntry, find_model
 from .metrics import CONTENT_TYPE, Metrics
-from .replica import JSON_TYPE, PARAMS_HEADER, Reply, error_reply, json_reply
+from .replica import (
+    JSON_TYPE,
+    PARAMS_HEADER,
+    Reply,
+    error_reply,
+    json_reply,
+    parse_json_object,
+)
 
 if TYPE_CHECKING:  # starlette comes with the serve extra; `trt-sd --help` runs without it
     from starlette.requests import Request
@@ -198,16 +205,7 @@ class Front:
         return b"".join(parts)
 
     async def read_json(self, request: Request) -> dict[str, Any]:
-        body = await self.read_body(request)
-        try:
-            data = json.loads(body or b"{}")
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(f"request body is not valid JSON: {e}") from None
-        except RecursionError:
-            raise InputError("request body is not valid JSON: nested too deeply") from None
-        if not isinstance(data, dict):
-            raise InputError(f"request body must be a JSON object, got {type(data).__name__}")
-        return data
+        return parse_json_object(await self.read_body(request))
 
     # ---- images ---------------------------------------------------------------------------
     async def images(

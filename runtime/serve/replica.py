@@ -96,14 +96,11 @@ def error_reply(status: int, message: str, **headers: str) -> Reply:
     return json_reply(status, {"error": line}, **headers)
 
 
-def parse_generate_body(body: bytes) -> dict[str, Any]:
-    """A JSON object with known fields -> engine keyword arguments (InputError otherwise).
-    Values are checked by the same code as ``trt-sd run`` (:func:`build_request`)."""
-    if len(body) > MAX_BODY_BYTES:
-        raise too_large(len(body))
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """A request body that must hold one JSON object (InputError otherwise). Infinity, NaN and
+    1e400 parse to floats and get the field's own message later (the one `trt-sd run` prints
+    for the same value); only bad syntax and the nesting depth are parse errors."""
     try:
-        # Infinity, NaN and 1e400 parse to floats and get the field's own message (the one
-        # `trt-sd run` prints for the same value); only the nesting depth is a parse error
         data = json.loads(body or b"{}")
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"request body is not valid JSON: {e}") from None
@@ -111,6 +108,15 @@ def parse_generate_body(body: bytes) -> dict[str, Any]:
         raise InputError("request body is not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise InputError(f"request body must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def parse_generate_body(body: bytes) -> dict[str, Any]:
+    """A JSON object with known fields -> engine keyword arguments (InputError otherwise).
+    Values are checked by the same code as ``trt-sd run`` (:func:`build_request`)."""
+    if len(body) > MAX_BODY_BYTES:
+        raise too_large(len(body))
+    data = parse_json_object(body)
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
         raise InputError(f"unknown field {unknown[0]!r}; allowed: {', '.join(FIELDS)}")
