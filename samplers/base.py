@@ -177,7 +177,8 @@ class Stepper:
 
     Subclasses build their full plan for all steps, then call :meth:`_finish` with the
     per-model-call timesteps and input scales and the model-call index img2img starts at;
-    they implement :meth:`_step` (absolute call index) and :meth:`_noise_scales`.
+    they implement :meth:`_step` (absolute call index) and :meth:`_noise_scales` (model-call
+    index ``i``: the noise level that call sees).
 
     Like diffusers' schedulers, a stepper may keep a reference to an ``x`` it was given (the
     start of a two-stage or singlestep step) and never writes into arrays it did not create:
@@ -225,11 +226,16 @@ class Stepper:
         noise = np.asarray(noise)
         return noise * self.init_noise_sigma if self.init_noise_sigma != 1.0 else noise
 
-    def add_noise(self, x0: np.ndarray, noise: np.ndarray) -> np.ndarray:
-        """The img2img start: clean latents ``x0`` noised to the first remaining timestep."""
+    def add_noise(self, x0: np.ndarray, noise: np.ndarray, i: int = 0) -> np.ndarray:
+        """The img2img start: clean latents ``x0`` noised to the first remaining timestep.
+
+        ``i``: to the noise level of model call ``i`` instead. Inpainting with an ordinary
+        UNet re-noises the known region after each step to the *next* call's level, as
+        diffusers' ``scheduler.add_noise(x0, noise, [timesteps[i + 1]])`` does.
+        """
         x0, noise = np.asarray(x0), np.asarray(noise)
         _check_shapes("noise", noise, x0, "x0")
-        a, b = self._noise_scales()
+        a, b = self._noise_scales(self._index(i, "i", allow_any=True))
         return combine([(a, x0), (b, noise)], _work_dtype(x0)).astype(x0.dtype, copy=False)
 
     def scale_model_input(self, x: np.ndarray, i: int) -> np.ndarray:
@@ -273,7 +279,9 @@ class Stepper:
     def _step(self, model_output: np.ndarray, k: int, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def _noise_scales(self) -> tuple[float, float]:
+    def _noise_scales(self, i: int = 0) -> tuple[float, float]:
+        """``(a, b)`` with ``a * x0 + b * noise`` at model call ``i`` (0-based, after the
+        img2img trim)."""
         raise NotImplementedError
 
     def _noise(self, like: np.ndarray) -> np.ndarray:

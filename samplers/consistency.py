@@ -96,8 +96,8 @@ class _ConsistencyStepper(Stepper):
         """(c_x0, c_x, std) of the call at timestep ``t``; ``nxt`` None on the last call."""
         raise NotImplementedError
 
-    def _noise_scales(self) -> tuple[float, float]:
-        a = self.abar[int(self.timesteps[0])]
+    def _noise_scales(self, i: int = 0) -> tuple[float, float]:
+        a = self.abar[int(self.timesteps[i])]
         return float(np.sqrt(a)), float(np.sqrt(1.0 - a))
 
     def _step(self, model_output: np.ndarray, k: int, x: np.ndarray) -> np.ndarray:

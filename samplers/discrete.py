@@ -36,8 +36,8 @@ class _AlphaBarStepper(Stepper):
     def _alpha(self, t: int, final: float) -> float:
         return float(self.abar[t]) if t >= 0 else final
 
-    def _noise_scales(self) -> tuple[float, float]:
-        a = self.abar[int(self.timesteps[0])]
+    def _noise_scales(self, i: int = 0) -> tuple[float, float]:
+        a = self.abar[int(self.timesteps[i])]
         return float(np.sqrt(a)), float(np.sqrt(1.0 - a))
 
 

@@ -70,8 +70,8 @@ class _SigmaStepper(Stepper):
         timesteps = np.asarray(call_timesteps, dtype=np.float32)
         self._finish(timesteps, np.array(c_in), t_start * self.calls_per_step, init)
 
-    def _noise_scales(self) -> tuple[float, float]:
-        return 1.0, self._call_sigmas[self._begin]
+    def _noise_scales(self, i: int = 0) -> tuple[float, float]:
+        return 1.0, self._call_sigmas[self._begin + i]
 
     def _x0(self, model_output: np.ndarray, x: np.ndarray, sigma: float) -> np.ndarray:
         a, b = ve_x0(self.pred, sigma)

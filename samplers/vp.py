@@ -99,8 +99,8 @@ class VPSolverStepper(Stepper):
         ts = ts.astype(np.float32) if self._exact else ts.astype(np.int64)
         self._finish(ts, np.ones(ts.size), t_start, 1.0)
 
-    def _noise_scales(self) -> tuple[float, float]:
-        return vp_coefficients(self.sigmas[self._begin])
+    def _noise_scales(self, i: int = 0) -> tuple[float, float]:
+        return vp_coefficients(self.sigmas[self._begin + i])
 
     def _compile(self, k: int, coeffs: Coeffs) -> tuple[LinearCombination, bool]:
         """The step ``coeffs`` (weights on m_k, m_k-1, ...) as one combination over
