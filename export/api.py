@@ -25,6 +25,7 @@ from . import engine_dir
 from .build_context import BuildContext
 from .checkpoint import TOKENIZER_FILES, Checkpoint, locate, sha256_file
 from .component_build import build_component
+from .inpaint import check_inpaint_export
 from .options import DEFAULT_PROMPT_CHUNKS, ExportOptions, resolve_options
 from .partition import build_unet_sections, resolve_unet_cut
 
@@ -130,6 +131,7 @@ def export_model(
     shapes = ShapeRange(
         opts.batch, opts.height, opts.width, ckpt.vae_scale_factor, text_length_range(opts, ckpt)
     )
+    check_inpaint_export(ckpt.dims, opts.precision == "int8", split_unet, deepcache)
     int8_recipe = _int8_recipe(int8, opts, ckpt, shapes)
     unet_cut = resolve_unet_cut(split_unet, deepcache, opts.precision, ckpt)
     out = Path(default_engine_dir() if out_dir is None else out_dir).expanduser().absolute()

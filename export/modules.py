@@ -161,7 +161,7 @@ class ModuleLoader:
             )
         elif kind == "unet":
             added = tuple(n for n in spec.input_names if n not in (SAMPLE, TIMESTEP, CONTEXT))
-            mod = UNetWrapper(model, added)
+            mod = _unet_wrapper(self.checkpoint.dims, model, added)
         elif kind == "vae_decoder":
             mod = VaeDecoderWrapper(model)
         elif kind == "vae_encoder":
@@ -169,6 +169,15 @@ class ModuleLoader:
         else:
             raise KeyError(kind)
         return mod.float().eval().requires_grad_(False)
+
+
+def _unet_wrapper(dims: Any, model: nn.Module, added: tuple[str, ...]) -> nn.Module:
+    """The UNet's wrapper: an inpainting UNet concatenates its mask inputs in the graph."""
+    if dims.inpainting:
+        from .inpaint import INPAINT_INPUTS, InpaintUNetWrapper
+
+        return InpaintUNetWrapper(model, tuple(n for n in added if n not in INPAINT_INPUTS))
+    return UNetWrapper(model, added)
 
 
 #: Extra arguments of ``from_single_file`` per pipeline class (no safety checker to load).

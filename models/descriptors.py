@@ -275,6 +275,12 @@ class ModelDims:
     time_ids_size: int = 0
 
     @property
+    def inpainting(self) -> bool:
+        """A dedicated inpainting UNet (SD 1.5 / 2 / SDXL inpainting): its input is the latents,
+        the latent-size mask and the masked image's latents concatenated (4 + 1 + 4 = 9)."""
+        return self.unet_in_channels == 2 * self.latent_channels + 1
+
+    @property
     def context_size(self) -> int:
         """Width of the UNet's cross-attention context: the text encoders' hidden states
         concatenated on the feature axis."""
@@ -308,6 +314,10 @@ TIMESTEP = "timestep"
 CONTEXT = "encoder_hidden_states"
 #: The text encoder's hidden-state output (what SD 1.x / 2.x condition on).
 TEXT_EMBEDDINGS = "text_embeddings"
+#: An inpainting UNet's extra per-row inputs (:attr:`ModelDims.inpainting`), concatenated
+#: after the latents inside the exported graph (diffusers' channel order).
+MASK = "mask"
+MASKED_IMAGE_LATENTS = "masked_image_latents"
 
 
 def text_encoder(
@@ -345,18 +355,17 @@ def unet(d: ModelDims, added: tuple[TensorSpec, ...] = ()) -> Component:
     """Denoising UNet: one timestep per batch row, so requests at different steps can share a
     call (continuous batching) and CFG halves run together. The context's length is
     ``text_length`` (77 per prompt chunk, within the exported range). ``added``: the family's extra
-    per-row conditioning inputs (SDXL: pooled text embedding and micro-conditioning)."""
+    per-row conditioning inputs (SDXL: pooled text embedding and micro-conditioning); an
+    inpainting UNet adds its mask and masked-image latents (:func:`inpaint_inputs`)."""
+    channels = d.latent_channels if d.inpainting else d.unet_in_channels
     return Component(
         UNET,
         inputs=(
-            TensorSpec(
-                SAMPLE,
-                "float",
-                ("unet_batch", d.unet_in_channels, "latent_height", "latent_width"),
-            ),
+            TensorSpec(SAMPLE, "float", ("unet_batch", channels, "latent_height", "latent_width")),
             TensorSpec(TIMESTEP, "float32", ("unet_batch",)),
             TensorSpec(CONTEXT, "float", ("unet_batch", "text_length", d.context_size)),
             *added,
+            *inpaint_inputs(d),
         ),
         outputs=(
             TensorSpec(
@@ -366,6 +375,18 @@ def unet(d: ModelDims, added: tuple[TensorSpec, ...] = ()) -> Component:
             ),
         ),
         description="UNet2DConditionModel (raw model output: eps, v or x0 per prediction type)",
+    )
+
+
+def inpaint_inputs(d: ModelDims) -> tuple[TensorSpec, ...]:
+    """The mask and masked-image latents of an inpainting UNet (none for other UNets): named
+    per-row feeds like the text conditioning, so CFG doubles them and batching slices them."""
+    if not d.inpainting:
+        return ()
+    latent = ("unet_batch", d.latent_channels, "latent_height", "latent_width")
+    return (
+        TensorSpec(MASK, "float", ("unet_batch", 1, "latent_height", "latent_width")),
+        TensorSpec(MASKED_IMAGE_LATENTS, "float", latent),
     )
 
 

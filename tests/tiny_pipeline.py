@@ -129,11 +129,13 @@ def make_tiny_pipeline(
     seed: int = 0,
     sample_size: int = 8,
     hidden: int = 32,
+    in_channels: int = 4,
 ) -> Path:
     """Write a tiny random SD 1.x (epsilon) or SD 2.x-style (v-prediction, trailing) pipeline.
 
     VAE scale factor 2 (two resolution levels), so 16x16 images <-> 8x8 latents; image sizes
-    must still be multiples of 8 per the toolkit's rule.
+    must still be multiples of 8 per the toolkit's rule. ``in_channels=9``: an inpainting
+    UNet (latents + mask + masked-image latents), as SD 1.5 / 2 inpainting checkpoints have.
     """
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -157,7 +159,7 @@ def make_tiny_pipeline(
     CLIPTextModel(text_cfg).eval().save_pretrained(folder / "text_encoder")
     unet = UNet2DConditionModel(
         sample_size=sample_size,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         layers_per_block=1,
         block_out_channels=(32, 64),

@@ -50,8 +50,11 @@ def _text_config(vocab_size: int, hidden: int, **extra):
     )
 
 
-def make_tiny_sdxl(folder: Path, *, seed: int = 0, sample_size: int = 8) -> Path:
-    """Write the tiny SDXL base pipeline to ``folder`` (16x16 images <-> 8x8 latents)."""
+def make_tiny_sdxl(
+    folder: Path, *, seed: int = 0, sample_size: int = 8, in_channels: int = 4
+) -> Path:
+    """Write the tiny SDXL base pipeline to ``folder`` (16x16 images <-> 8x8 latents);
+    ``in_channels=9``: an inpainting UNet, as SDXL inpainting checkpoints have."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -72,7 +75,7 @@ def make_tiny_sdxl(folder: Path, *, seed: int = 0, sample_size: int = 8) -> Path
     ).eval().save_pretrained(folder / "text_encoder_2")
     unet = UNet2DConditionModel(
         sample_size=sample_size,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         layers_per_block=1,
         block_out_channels=(32, 64),
