@@ -5,7 +5,8 @@
 * its initial noise is ``np.random.default_rng(seed + i).standard_normal((C, h, w),
   dtype=np.float32)`` (``C, h, w`` = latent channels, height / f, width / f), unscaled, exactly
   what diffusers' ``latents=`` argument takes; the sampler scales it by its initial sigma;
-* img2img samples the VAE posterior with ``np.random.default_rng([seed + i, 1])``;
+* img2img samples the VAE posterior with ``np.random.default_rng([seed + i, 1])``; an
+  inpainting UNet's masked image with ``[seed + i, 3]``;
 * stochastic samplers (ancestral, SDE, DDIM with eta > 0) draw their per-step noise for image
   ``i`` from ``np.random.default_rng([seed + i, 2])`` (``standard_normal(..., float32)``), row
   by row, so an image does not depend on the batch it was generated in.
@@ -22,6 +23,7 @@ import numpy as np
 
 POSTERIOR_STREAM = 1
 SAMPLER_STREAM = 2
+MASKED_IMAGE_STREAM = 3
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> np.ndarray:
@@ -31,14 +33,15 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> np.ndarray:
     )
 
 
-def posterior_sample(seeds: Sequence[int], mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """One VAE posterior sample per seed: ``mean + std * noise`` (``mean``/``std``: one row)."""
+def posterior_sample(
+    seeds: Sequence[int], mean: np.ndarray, std: np.ndarray, stream: int = POSTERIOR_STREAM
+) -> np.ndarray:
+    """One VAE posterior sample per seed: ``mean + std * noise`` (``mean``/``std``: one row;
+    ``stream``: :data:`MASKED_IMAGE_STREAM` for an inpainting UNet's masked image)."""
     rows = [
         mean[0]
         + std[0]
-        * np.random.default_rng([s, POSTERIOR_STREAM]).standard_normal(
-            mean.shape[1:], dtype=np.float32
-        )
+        * np.random.default_rng([s, stream]).standard_normal(mean.shape[1:], dtype=np.float32)
         for s in seeds
     ]
     return np.stack(rows).astype(np.float32)

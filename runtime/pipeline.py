@@ -17,15 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from trt_sd.models.descriptors import (
-    CONTEXT,
-    TEXT_ENCODER,
-    UNET,
-    VAE_DECODER,
-    VAE_ENCODER,
-    Component,
-)
-from trt_sd.models.errors import InputError, NumericalError
+from trt_sd.models.descriptors import CONTEXT, UNET, VAE_DECODER, Component
+from trt_sd.models.errors import InputError
 from trt_sd.models.families import PromptRows
 from trt_sd.models.integrity import verify_components
 from trt_sd.models.manifest import Manifest
@@ -39,11 +32,13 @@ from .deepcache import DeepCacheConfig, DeepCacheState, deepcache_components, re
 from .denoise import DenoiseStep, Lane, check_latents, unet_overflow_hint
 from .handoff import end_calls, prepare_handoff
 from .images import image_size, load_image, to_uint8
+from .inpaint import InpaintInput, inpaint_strength
 from .multidevice import StagedUNet, place
-from .noise import posterior_sample, request_noise, sampler_noise_fn
+from .noise import request_noise, sampler_noise_fn
 from .progress import ProgressArg, progress_reporter
 from .request import DEFAULT_SAMPLER, Request, build_request
 from .tokenizer import ClipTokenizer
+from .vae import check_finite, encode_image
 
 __all__ = [
     "GenerationResult",
@@ -65,23 +60,6 @@ class GenerationResult:
     #: the undecoded latents, with ``output_type="latent"`` (a refiner's ``image=``)
     latents: np.ndarray | None = None
     latent_space: str = ""  # the family's latent space (see FamilySpec.latent_space)
-
-
-def _check_finite(name: str, value: np.ndarray, detail: str = "", hint: str = "") -> None:
-    if np.isfinite(value).all():
-        return
-    hint = hint or {
-        VAE_DECODER: (
-            "; the fp16 SD VAE overflows on some latents: use the fp32 VAE "
-            "(re-export without --vae-fp16)"
-        ),
-        VAE_ENCODER: (
-            "; the fp16 SD VAE overflows on some images: use the fp32 VAE "
-            "(re-export without --vae-fp16)"
-        ),
-        TEXT_ENCODER: "; export the text encoder in fp32",
-    }.get(name, "; try an fp32 export")
-    raise NumericalError(f"{name} produced NaN or inf{detail}{hint}")
 
 
 def _samplers() -> Any:
@@ -193,6 +171,8 @@ class Pipeline:
         denoising_start: float | None = None,
         output_type: str = "image",
         emphasis: str = "original",
+        mask: Any = None,
+        mask_blur: float = 0.0,
         **options: Any,
     ) -> GenerationResult:
         """Generate ``batch`` images. Unset prompt, steps, guidance, height and width come from
@@ -203,6 +183,8 @@ class Pipeline:
         diffusers' ``latents=`` (it sets height / width when those are unset). ``image`` (path,
         PIL image or uint8 array) switches to img2img
         with ``strength`` (default 0.8); its size sets height / width when those are unset.
+        ``mask`` (same kinds, the image's size; white = repaint) with ``image``: inpainting
+        (:mod:`trt_sd.runtime.inpaint`; ``strength`` default 1.0, ``mask_blur`` in pixels).
         ``progress``: True for a tqdm bar on stderr, or a callable ``(done, total)``.
         ``deepcache``: cache interval N (``0`` off; default: the one given to :meth:`load`).
         ``emphasis``: how the prompt's ``(word:1.3)`` / ``[word]`` weight it (AUTOMATIC1111's
@@ -218,6 +200,7 @@ class Pipeline:
         start = time.perf_counter()
         if output_type not in ("image", "latent"):
             raise InputError(f"output_type must be 'image' or 'latent', got {output_type!r}")
+        strength = inpaint_strength(self.manifest.dims, image, mask, strength, denoising_start)
         handed, image, height, width, strength = prepare_handoff(
             self, image, denoising_start, sampler, steps, height, width, strength
         )
@@ -256,6 +239,9 @@ class Pipeline:
         family_options = self.family.check_options(options, req.height, req.width)
         noise = self._initial_noise(req, latents)
         init_image = load_image(image, req.width, req.height) if image is not None else None
+        inpaint = None
+        if mask is not None:
+            inpaint = InpaintInput.load(image, mask, init_image, req.width, req.height, mask_blur)
         timings: dict[str, float] = {}
         stepper = self._stepper(req)
         conditioning = self._encode_text(req, family_options, timings)
@@ -265,6 +251,9 @@ class Pipeline:
                     f"latents as image must have shape {noise.shape}, got {handed.shape}"
                 )
             x = handed
+        elif inpaint is not None:
+            x, stepper, extra = inpaint.start(self, req, stepper, noise, timings)
+            conditioning = {**conditioning, **extra}
         elif init_image is None:
             x = stepper.prepare_noise(noise)
         else:
@@ -275,13 +264,14 @@ class Pipeline:
         cache = None
         if cache_config is not None:
             cache = DeepCacheState(cache_config, calls, self._cache_feature())
-        if isinstance(self.engines[UNET], StagedUNet) and req.batch > 1:
+        if isinstance(self.engines[UNET], StagedUNet) and req.batch > 1 and inpaint is None:
             x = run_chains(self, req, x, conditioning, timings, progress, calls)
         else:
             x = self._denoise(req, stepper, x, conditioning, timings, progress, cache, calls)
         images = self._decode(x, timings) if output_type == "image" else []
         timings["total"] = time.perf_counter() - start
         params = self.result_params(req, family_options)
+        params.update(inpaint.params() if inpaint is not None else {})
         for key, value in (("denoising_end", denoising_end), ("denoising_start", denoising_start)):
             if value is not None:
                 params[key] = float(value)
@@ -403,17 +393,8 @@ class Pipeline:
     def _encode_image(
         self, req: Request, image: np.ndarray, timings: dict[str, float]
     ) -> np.ndarray:
-        """Init image -> latents: one encoder call, then a posterior sample per batch entry
-        (mean + std * noise, logvar clamped to [-30, 20] as diffusers does), times the VAE
-        scaling factor."""
-        spec = self.components[VAE_ENCODER]
-        out = self._run(VAE_ENCODER, {spec.inputs[0].name: image}, timings)
-        params = np.asarray(out[spec.outputs[0].name], dtype=np.float32)
-        _check_finite(VAE_ENCODER, params)
-        mean, logvar = np.split(params, 2, axis=1)
-        std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
-        scale = np.float32(self.manifest.vae_scaling_factor)
-        return posterior_sample(req.seeds, mean, std) * scale
+        """Init image -> latents, one posterior sample per batch entry (:mod:`.vae`)."""
+        return encode_image(self, req.seeds, image, timings)
 
     def _denoise(
         self,
@@ -452,5 +433,5 @@ class Pipeline:
         latent = x / np.float32(self.manifest.vae_scaling_factor)
         out = self._run(VAE_DECODER, {spec.inputs[0].name: latent}, timings)
         decoded = np.asarray(out[spec.outputs[0].name], dtype=np.float32)
-        _check_finite(VAE_DECODER, decoded)
+        check_finite(VAE_DECODER, decoded)
         return to_uint8(decoded)
