@@ -34,6 +34,7 @@ _FROM_PNG_KEYS = (
     "guidance_rescale",
     "sampler_options",
     "emphasis",
+    "mask_blur",
 )
 
 
@@ -71,6 +72,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--image", metavar="FILE", help="init image: img2img")
     parser.add_argument("--strength", type=float, help="img2img strength in (0, 1] (default 0.8)")
+    parser.add_argument(
+        "--mask", metavar="FILE", help="inpainting mask for --image (white = repaint; strength 1.0)"
+    )
+    parser.add_argument(
+        "--mask-blur", type=float, metavar="PX", help="blur the mask by PX pixels first (0-64)"
+    )
     parser.add_argument("--out", metavar="PATH", help="output PNG (default trt-sd-<seed>.png)")
     parser.add_argument("--from-png", metavar="FILE", help="reuse the parameters stored in FILE")
     parser.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
@@ -114,6 +121,10 @@ def _request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             if args.from_png
             else "--strength needs --image"
         )
+    if args.mask_blur is not None and not args.mask:
+        raise InputError("--mask-blur needs --mask")
+    if not args.mask:
+        kwargs.pop("mask_blur", None)  # a PNG's blur applies only to a mask given again
     return kwargs
 
 
@@ -173,7 +184,8 @@ def main(args: argparse.Namespace) -> int:
             f"are {model_hash[:10]}, so the image will differ",
             file=sys.stderr,
         )
-    result = pipe(**kwargs, image=args.image, progress=None if args.quiet else True)
+    progress = None if args.quiet else True
+    result = pipe(**kwargs, image=args.image, mask=args.mask, progress=progress)
     params = result.params
     paths = output_paths(args.out, params["seed"], len(result.images))
     version = f"trt-sd {_version()}"
