@@ -3,7 +3,7 @@
 Request fields are the WebUI's (``modules/api/models.py``: the processing classes' arguments
 plus the API's extras). A field we implement is mapped to the engine request; a WebUI field we
 do not implement is accepted only while it holds the WebUI's own "off" value (``enable_hr``
-false, ``styles`` empty, ``s_churn`` 0, no ``mask``, ...), otherwise the answer is 422 naming
+false, ``styles`` empty, ``s_churn`` 0, ...), otherwise the answer is 422 naming
 it; a field the WebUI does not define is 422 too (a typo must not be silently dropped).
 
 Deviations, on purpose: unset ``steps`` / ``width`` / ``height`` come from the model's manifest
@@ -27,6 +27,7 @@ from .a1111_info import LISTS, SCHEDULERS, FieldError, model_titles, options, se
 from .b64images import decode_image
 from .catalog import ModelEntry
 from .front import Blob, Front, TooLargeError, json_ok, json_with_blobs
+from .inpaint_fields import inpaint_fields
 from .replica import Reply, error_reply
 
 if TYPE_CHECKING:  # starlette comes with the serve extra; `trt-sd --help` runs without it
@@ -83,12 +84,12 @@ _IMG2IMG_OFF: dict[str, Any] = {
     "image_cfg_scale": lambda v: True,  # instruct-pix2pix models only
     "initial_noise_multiplier": lambda v: v is None or v == 1,
     "include_init_images": lambda v: True,
+    "latent_mask": lambda v: v in (None, ""),  # a second mask for the latents: not supported
     **{
-        k: (lambda v: True)  # inpainting settings: only with a mask
-        for k in (
+        k: (lambda v: True)  # inpainting: read by inpaint_fields (mask_blur, invert) or
+        for k in (  # diffusers' way instead (whole picture, binarised mask; docs/inpainting.md)
             "mask_blur", "mask_blur_x", "mask_blur_y", "mask_round", "inpainting_fill",
             "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert",
-            "latent_mask",
         )
     },
 }  # fmt: skip
@@ -156,8 +157,6 @@ def _check_fields(data: dict[str, Any], img2img: bool) -> None:
             raise FieldError(
                 f"{key}={value!r} is not supported by this server; leave it at its default"
             )
-    if img2img and data.get("mask") not in (None, ""):
-        raise FieldError("mask: inpainting is not supported yet; send init_images without a mask")
 
 
 def _model_for(front: Front, data: dict[str, Any]) -> ModelEntry:
@@ -231,6 +230,7 @@ def engine_requests(
         if len(raw) > images:
             raise FieldError(f"init_images has {len(raw)} images for {images} outputs")
         init = [decode_image(v, f"init_images[{i}]") for i, v in enumerate(raw)]
+    mask = inpaint_fields(data) if img2img else {}
     size_default = (model.default_width, model.default_height)
     if init:
         size_default = (init[0].shape[1], init[0].shape[0])
@@ -260,7 +260,7 @@ def engine_requests(
         kw = dict(common, seed=seed + i)
         if init:
             kw["image"] = init[i % len(init)]
-        requests.append(kw)
+        requests.append({**kw, **mask})
     parameters = {k: v for k, v in data.items() if k not in ("init_images", "mask")}
     parameters.update(
         seed=seed, width=width, height=height, steps=steps, batch_size=batch_size, n_iter=n_iter

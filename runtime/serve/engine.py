@@ -43,6 +43,7 @@ from trt_sd.models.descriptors import UNET, VAE_DECODER
 from trt_sd.models.errors import InputError, TrtSdError
 from trt_sd.runtime.denoise import Lane, split_rows
 from trt_sd.runtime.images import image_size, load_image
+from trt_sd.runtime.inpaint import InpaintInput, inpaint_strength
 from trt_sd.runtime.noise import initial_noise
 from trt_sd.runtime.pipeline import Pipeline, resolve_sampler
 from trt_sd.runtime.request import DEFAULT_SAMPLER, build_request
@@ -59,6 +60,8 @@ from .jobs import (
     check_limits,
     chunks,
     fail_job,
+    job_params,
+    start_latents,
     timeout_message,
 )
 
@@ -154,17 +157,21 @@ class BatchingEngine:
         image: Any = None,
         strength: float | None = None,
         emphasis: str = "original",
+        mask: Any = None,
+        mask_blur: float = 0.0,
         **options: Any,
     ) -> Ticket:
         """Validate a request (the rules and messages of ``trt-sd run``: InputError) and queue
         it; QueueFullError when the queue is full, EngineStoppedError after :meth:`close`.
         ``image`` (PIL image or uint8 array) + ``strength``: img2img, as ``Pipeline.__call__``.
-        ``emphasis``: how the prompt's ``(word:1.3)`` weight it, as ``Pipeline.__call__``.
+        ``emphasis``: how the prompt's ``(word:1.3)`` weight it, as ``Pipeline.__call__``;
+        ``mask`` / ``mask_blur`` with ``image``: inpainting, as ``Pipeline.__call__``.
         ``options``: the model family's own (as ``Pipeline.__call__`` takes them)."""
         if image is not None and (height is None or width is None):
             size = image_size(image)
             width = size[0] if width is None and size else width
             height = size[1] if height is None and size else height
+        strength = inpaint_strength(self.pipe.manifest.dims, image, mask, strength)
         req = build_request(
             self.pipe.manifest,
             resolve_sampler,
@@ -192,6 +199,8 @@ class BatchingEngine:
         job.options = family_options
         if image is not None:
             job.init = load_image(image, req.width, req.height)
+        if mask is not None:
+            job.inpaint = InpaintInput.load(image, mask, job.init, req.width, req.height, mask_blur)
         with self._cond:
             if self._stopped or not self._thread.is_alive():
                 raise EngineStoppedError("the generation engine is stopped")
@@ -318,13 +327,8 @@ class BatchingEngine:
                     job.req.height // dims.vae_scale_factor,
                     job.req.width // dims.vae_scale_factor,
                 )
-                noise = initial_noise(job.req.seeds, shape)
-                if job.init is None:
-                    job.x = job.stepper.prepare_noise(noise)
-                    continue
-                try:  # img2img: the encoded init image, noised to the first timestep
-                    latents = self.pipe._encode_image(job.req, job.init, {})
-                    job.x, job.init = job.stepper.add_noise(latents, noise), None
+                try:
+                    start_latents(self.pipe, job, initial_noise(job.req.seeds, shape))
                 except Exception as e:
                     self._failed(job, e)
 
@@ -400,7 +404,7 @@ class BatchingEngine:
                 for job, image in zip(chunk, images, strict=True):
                     result = Generated(
                         image,
-                        self.pipe.result_params(job.req, job.options),
+                        job_params(self.pipe, job),
                         job.stepper.num_model_calls,
                         time.monotonic() - job.submitted,
                     )

@@ -62,6 +62,7 @@ class Job:
     turn: int = 0  # scheduler turn of its last UNet call (fairness across sizes)
     cancelled: bool = False
     init: np.ndarray | None = None  # img2img: the init image (1, 3, H, W) in [-1, 1]
+    inpaint: Any = None  # inpainting: its image and mask (trt_sd.runtime.inpaint.InpaintInput)
 
     @property
     def rows(self) -> int:
@@ -116,6 +117,27 @@ def check_limits(max_queue: int, timeout_s: float) -> None:
         raise InputError(f"max-queue must be >= 0, got {max_queue}")
     if not timeout_s > 0:
         raise InputError(f"timeout must be positive, got {timeout_s}")
+
+
+def start_latents(pipe: Any, job: Job, noise: np.ndarray) -> None:
+    """A newly encoded job's initial latents: txt2img's scaled noise, img2img's init image
+    noised to its first step, or inpainting's start (its mask rows join the job's
+    conditioning, so they travel with its rows in every UNet batch; the latent blending of a
+    4-channel UNet goes into its stepper), as ``Pipeline.__call__`` starts them."""
+    if job.inpaint is not None:
+        x, job.stepper, extra = job.inpaint.start(pipe, job.req, job.stepper, noise, {})
+        job.embeddings, job.x, job.init = {**(job.embeddings or {}), **extra}, x, None
+    elif job.init is not None:
+        latents = pipe._encode_image(job.req, job.init, {})
+        job.x, job.init = job.stepper.add_noise(latents, noise), None
+    else:
+        job.x = job.stepper.prepare_noise(noise)
+
+
+def job_params(pipe: Any, job: Job) -> dict[str, Any]:
+    """What a finished job's result reports (and its PNG embeds)."""
+    params = pipe.result_params(job.req, job.options)
+    return {**params, **(job.inpaint.params() if job.inpaint is not None else {})}
 
 
 def fail_job(job: Job, error: BaseException) -> None:

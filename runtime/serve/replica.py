@@ -51,6 +51,8 @@ FIELDS = (
     "guidance_rescale",
     "image",  # img2img: the init image, base64 (PNG / JPEG / WebP), a data: URL allowed
     "strength",
+    "mask",  # inpainting: the mask for ``image``, base64 like it (white = repaint)
+    "mask_blur",  # pixels (0-64)
     "emphasis",  # how (word:1.3) weights the prompt: original, no_norm, ignore, none
 )
 _STRING_FIELDS = ("prompt", "negative_prompt", "sampler", "emphasis")
@@ -160,10 +162,11 @@ class Generator:
         """``POST /generate``."""
         try:
             kwargs = parse_generate_body(body)
-            if "image" in kwargs:
-                from .b64images import decode_image
+            for key in ("image", "mask"):
+                if key in kwargs:
+                    from .b64images import decode_image
 
-                kwargs["image"] = await asyncio.to_thread(decode_image, kwargs["image"], "image")
+                    kwargs[key] = await asyncio.to_thread(decode_image, kwargs[key], key)
         except (TrtSdError, ValueError) as e:
             return _error_for(e)
         except Exception:  # a bug, not the client's fault
