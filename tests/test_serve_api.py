@@ -180,9 +180,12 @@ def test_front_errors_are_one_line_with_the_right_status() -> None:
     assert r.json()["error"]["message"] == "Unrecognized request argument supplied: colour"
     r = client.post("/v1/images/generations", json={"prompt": "x", "n": 11})
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"
-    files = {"image": ("a.png", b"\x89PNG", "image/png"), "mask": ("m.png", b"x", "image/png")}
-    r = client.post("/v1/images/edits", files=files, data={"prompt": "x"})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "mask"
+    png = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(png, "PNG")  # an inpainting mask must be a readable PNG
+    for mask in (b"x", png.getvalue()):  # with an alpha channel (transparent = edit)
+        files = {"image": ("a.png", png.getvalue(), "image/png"), "mask": ("m.png", mask)}
+        r = client.post("/v1/images/edits", files=files, data={"prompt": "x"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "mask"
     r = client.post("/sdapi/v1/txt2img", json={"prompt": "boom"})
     assert r.status_code == 500 and "Traceback" not in r.text and r.text.count("\n") == 0
     assert not [c for c in calls if c["prompt"] != "boom"]

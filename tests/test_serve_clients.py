@@ -147,6 +147,23 @@ def test_webuiapi_img2img_matches_the_pipeline(webui, pipes) -> None:
     assert "Denoising strength: 0.5" in result.info["infotexts"][0]
 
 
+def test_webuiapi_inpainting_matches_the_pipeline(webui, pipes) -> None:
+    init = Image.fromarray((np.arange(16 * 16 * 3) % 251).astype(np.uint8).reshape(16, 16, 3))
+    mask = np.zeros((16, 16), np.uint8)
+    mask[2:10, 4:12] = 255
+    result = webui.img2img(
+        images=[init], mask_image=Image.fromarray(255 - mask), inpainting_mask_invert=1,
+        mask_blur=1, prompt="a cat", seed=3, steps=4, denoising_strength=0.9, width=16,
+        height=16, sampler_name="Euler",
+    )  # fmt: skip
+    ref = pipes["engines"](
+        prompt="a cat", image=init, mask=mask, mask_blur=1, strength=0.9, seed=3, steps=4,
+        guidance=7.0, sampler="Euler", width=16, height=16,
+    )  # fmt: skip
+    assert close(pixels(result.images[0]), ref.images[0].astype(np.int16))
+    assert "Mask blur: 1.0" in result.info["infotexts"][0]
+
+
 def test_webuiapi_lists_models_samplers_and_switches_model(webui, pipes) -> None:
     models = webui.get_sd_models()
     assert [m["model_name"] for m in models] == ["engines", "engines-v"]
@@ -177,7 +194,7 @@ def test_webui_refusals_name_the_field(server) -> None:
         ("txt2img", {"width": 512, "height": 16}, 400, "width 16..24"),
         ("txt2img", {"batch_size": 5}, 400, "allowed 1..4"),
         ("txt2img", {"steps": 500}, 400, "limit of 150"),
-        ("img2img", {"init_images": ["AAAA"], "mask": "AAAA"}, 422, "mask"),
+        ("img2img", {"init_images": ["AAAA"], "latent_mask": "AAAA"}, 422, "latent_mask"),
         ("img2img", {"init_images": ["bm90IGFuIGltYWdl"]}, 400, "init_images[0] is not"),
     ]
     for route, payload, status, words in cases:
@@ -213,6 +230,23 @@ def test_openai_generate_and_edit(server, pipes) -> None:
         seed=4, steps=4,
     )  # fmt: skip
     assert close(pixels(image), ref.images[0].astype(np.int16))
+
+
+def test_openai_edit_with_a_mask_inpaints(server, pipes) -> None:
+    client = openai.OpenAI(base_url=f"{server[0]}/v1", api_key=KEY, max_retries=0)
+    init = Image.fromarray((np.arange(16 * 16 * 3) % 251).astype(np.uint8).reshape(16, 16, 3))
+    alpha = np.full((16, 16), 255, np.uint8)
+    alpha[4:12, 2:10] = 0  # OpenAI's convention: transparent = edit
+    mask, image = io.BytesIO(), io.BytesIO()
+    Image.fromarray(np.dstack([np.zeros((16, 16, 3), np.uint8), alpha]), "RGBA").save(mask, "PNG")
+    init.save(image, "PNG")
+    edited = client.images.edit(
+        image=("init.png", image.getvalue(), "image/png"), prompt="a cat",
+        mask=("mask.png", mask.getvalue(), "image/png"), extra_body={"seed": 5, "steps": 3},
+    )  # fmt: skip
+    result = Image.open(io.BytesIO(base64.b64decode(edited.data[0].b64_json)))
+    ref = pipes["engines"](prompt="a cat", image=init, mask=255 - alpha, seed=5, steps=3)
+    assert close(pixels(result), ref.images[0].astype(np.int16))
 
 
 def test_openai_errors_are_openai_shaped(server) -> None:

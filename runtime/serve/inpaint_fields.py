@@ -1,4 +1,7 @@
-"""The WebUI's inpainting fields of ``/sdapi/v1/img2img`` -> engine keyword arguments.
+"""Inpainting fields of the client APIs -> engine keyword arguments (white = repaint).
+
+OpenAI's ``/v1/images/edits``: ``mask`` is a PNG whose fully transparent pixels are the ones
+to edit (:func:`openai_mask`). The WebUI's ``/sdapi/v1/img2img``:
 
 ``mask`` (base64, white = repaint), ``mask_blur`` (pixels, the WebUI's default 4; its x / y
 variants must agree with it: one radius), ``inpainting_mask_invert`` (1: black = repaint).
@@ -11,8 +14,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
+from trt_sd.models.errors import InputError
+
 from .a1111_info import FieldError
-from .b64images import decode_image
+from .b64images import MAX_INIT_PIXELS, decode_image
 
 #: the WebUI's ``mask_blur`` default
 WEBUI_MASK_BLUR = 4
@@ -46,3 +53,26 @@ def inpaint_fields(data: dict[str, Any]) -> dict[str, Any]:
             raise FieldError(f"{key}={value:g} differs from mask_blur={blur:g}; one radius only")
         blur = value if blur is None else blur
     return {"mask": mask, "mask_blur": WEBUI_MASK_BLUR if blur is None else blur}
+
+
+def openai_mask(data: bytes) -> np.ndarray:
+    """An OpenAI edits mask (a PNG with an alpha channel; transparent = edit) -> HxW uint8
+    with white = repaint (``255 - alpha``: binarised at half, alpha below 128 repaints)."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.size[0] * im.size[1] > MAX_INIT_PIXELS:
+                raise InputError(f"mask is {im.size[0]}x{im.size[1]}; too many pixels")
+            if "A" not in im.getbands() and "transparency" not in im.info:
+                raise InputError(
+                    "mask must be a PNG with an alpha channel (transparent pixels are edited)"
+                )
+            alpha = np.asarray(im.convert("RGBA"), dtype=np.uint8)[:, :, 3]
+    except InputError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Warning) as e:
+        raise InputError(f"mask is not a readable image: {type(e).__name__}") from None
+    return np.ascontiguousarray(255 - alpha)

@@ -22,6 +22,7 @@ from trt_sd.models.errors import InputError
 from .b64images import image_from_bytes
 from .catalog import ModelEntry
 from .front import Blob, Front, TooLargeError, json_ok, json_with_blobs
+from .inpaint_fields import openai_mask
 from .replica import Reply, json_reply
 
 if TYPE_CHECKING:  # starlette comes with the serve extra; `trt-sd --help` runs without it
@@ -119,7 +120,7 @@ def _int(fields: dict[str, Any], key: str, default: int | None) -> int | None:
 async def _generate(front: Front, fields: dict[str, Any], image: Any) -> Reply:
     allowed = {"prompt", "model", "n", "size", "response_format", *_IGNORED, *_EXTENSIONS}
     if image is not None:
-        allowed |= {"strength"}
+        allowed |= {"strength", "mask"}
     for key, value in fields.items():
         if key not in allowed:
             raise ApiError(f"Unrecognized request argument supplied: {key}", key)
@@ -179,6 +180,8 @@ async def _generate(front: Front, fields: dict[str, Any], image: Any) -> Reply:
         common["image"] = image
         if fields.get("strength") is not None:
             common["strength"] = float(fields["strength"])
+        if fields.get("mask") is not None:  # inpainting (decoded by _read_multipart)
+            common["mask"] = fields["mask"]
     if seed is None:
         import secrets
 
@@ -202,8 +205,8 @@ async def _generate(front: Front, fields: dict[str, Any], image: Any) -> Reply:
 
 
 async def _read_multipart(front: Front, request: Request) -> tuple[dict[str, Any], Any]:
-    """``multipart/form-data`` -> (text fields, the decoded ``image``); ``mask`` is refused
-    until inpainting lands."""
+    """``multipart/form-data`` -> (text fields, the decoded ``image``); a ``mask`` (OpenAI's
+    convention: transparent = edit) becomes ``fields["mask"]``, white = repaint."""
     ctype = request.headers.get("content-type", "")
     if not ctype.startswith("multipart/form-data"):
         raise ApiError("images/edits takes multipart/form-data (image, prompt, ...)", "image")
@@ -215,6 +218,7 @@ async def _read_multipart(front: Front, request: Request) -> tuple[dict[str, Any
         raise ApiError("the multipart body could not be read", "image")
     fields: dict[str, Any] = {}
     images: list[bytes] = []
+    masks: list[bytes] = []
     for part in message.iter_parts():
         name = part.get_param("name", header="content-disposition")
         payload = part.get_payload(decode=True)
@@ -223,15 +227,17 @@ async def _read_multipart(front: Front, request: Request) -> tuple[dict[str, Any
         if name in ("image", "image[]"):
             images.append(payload)
         elif name == "mask":
-            raise ApiError(
-                "mask is not supported yet (no inpainting); send the image alone for img2img",
-                "mask",
-            )
+            masks.append(payload)
         elif isinstance(name, str):
             fields[name] = payload.decode("utf-8", "replace")
     if len(images) != 1:
         raise ApiError(f"send exactly one image (got {len(images)})", "image")
     image = await asyncio.to_thread(image_from_bytes, images[0], "image")
+    if masks:
+        try:
+            fields["mask"] = await asyncio.to_thread(openai_mask, masks[0])
+        except InputError as e:
+            raise ApiError(str(e), "mask") from None
     if "strength" in fields:
         try:
             fields["strength"] = float(fields["strength"])
