@@ -10,18 +10,22 @@ sampler only ever sees 4-channel latents. The concatenation lives here, in the g
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from trt_sd.models import InputError
 from trt_sd.models.descriptors import MASK, MASKED_IMAGE_LATENTS, ModelDims
 
-from .modules import UNetWrapper
 
+class InpaintUNetWrapper(nn.Module):
+    """``(sample, timestep, context, *added, mask, masked_image_latents)`` -> ``inner``'s
+    output for ``cat([sample, mask, masked_image_latents])`` (``inner``: the plain UNet
+    wrapper, :class:`trt_sd.export.modules.UNetWrapper`)."""
 
-class InpaintUNetWrapper(UNetWrapper):
-    """``(sample, timestep, context, *added, mask, masked_image_latents)`` -> the model output
-    of ``unet(cat([sample, mask, masked_image_latents]), ...)``."""
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
 
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor,
@@ -30,7 +34,7 @@ class InpaintUNetWrapper(UNetWrapper):
     ) -> torch.Tensor:
         *added, mask, masked = rest
         latent_input = torch.cat([sample, mask, masked], dim=1)
-        return super().forward(latent_input, timestep, encoder_hidden_states, *added)
+        return self.inner(latent_input, timestep, encoder_hidden_states, *added)
 
 
 #: the extra inputs the wrapper takes after the family's own

@@ -16,6 +16,7 @@ from trt_sd.models import InputError
 from trt_sd.models.descriptors import CONTEXT, SAMPLE, TIMESTEP, Component
 
 from .checkpoint import Checkpoint
+from .inpaint import INPAINT_INPUTS, InpaintUNetWrapper
 
 #: diffusers clamps the VAE posterior's log-variance to this range before using it.
 LOGVAR_RANGE = (-30.0, 20.0)
@@ -174,9 +175,9 @@ class ModuleLoader:
 def _unet_wrapper(dims: Any, model: nn.Module, added: tuple[str, ...]) -> nn.Module:
     """The UNet's wrapper: an inpainting UNet concatenates its mask inputs in the graph."""
     if dims.inpainting:
-        from .inpaint import INPAINT_INPUTS, InpaintUNetWrapper
-
-        return InpaintUNetWrapper(model, tuple(n for n in added if n not in INPAINT_INPUTS))
+        return InpaintUNetWrapper(
+            UNetWrapper(model, tuple(n for n in added if n not in INPAINT_INPUTS))
+        )
     return UNetWrapper(model, added)
 
 

@@ -53,7 +53,7 @@ def inpaint_engines() -> Path:
     from trt_sd.export import export_model
 
     out = _root() / "engines-inpaint"
-    export_model(inpaint_model(), out, height="16:24", width="16:24", batch="1:2", progress=False)
+    export_model(inpaint_model(), out, height=16, width=16, batch="1:2", progress=False)
     return out
 
 
