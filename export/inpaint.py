@@ -55,7 +55,7 @@ def check_inpaint_export(
             ("--split-unet", split_unet),
             ("--deepcache", deepcache),
         )
-        if value
+        if value is not None and value is not False  # deepcache=0 is a branch, not "off"
     ]
     if asked:
         raise InputError(

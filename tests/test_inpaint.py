@@ -228,3 +228,26 @@ def test_bad_inpaint_input(kind, kwargs, message) -> None:
     kwargs = {k: values.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}
     with pytest.raises(InputError, match=message):
         _pipe(kind)(PROMPT, steps=2, seed=0, **kwargs)
+
+
+def test_inpainting_engine_directory() -> None:
+    manifest = _pipe("sd9").manifest
+    unet = {t["name"]: t["shape"] for t in manifest.components["unet"].inputs}
+    assert manifest.dims.unet_in_channels == 9 and manifest.dims.inpainting
+    assert unet["sample"][1] == 4  # the runtime's latents; the graph concatenates the rest
+    assert unet["mask"] == ["unet_batch", 1, "latent_height", "latent_width"]
+    assert unet["masked_image_latents"] == ["unet_batch", 4, "latent_height", "latent_width"]
+    assert "mask" not in {t["name"] for t in _pipe("sd4").manifest.components["unet"].inputs}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "flag"),
+    [({"deepcache": 0}, "--deepcache"), ({"split_unet": 2}, "--split-unet"),
+     ({"precision": "int8"}, "--int8")],
+)  # fmt: skip
+def test_export_refuses_features_inpainting_unets_lack(tmp_path, kwargs, flag) -> None:
+    from trt_sd.export import export_model
+
+    with pytest.raises(InputError, match=f"{flag} is not supported for inpainting UNets"):
+        export_model(inpaint_model(), tmp_path / "out", height=16, width=16, **kwargs)
+    assert not (tmp_path / "out").exists()
