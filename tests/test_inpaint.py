@@ -144,7 +144,6 @@ CASES = [  # (engine, sampler, strength, latents given)
     ("sd9", "euler", 1.0, True),
     ("sd9", "dpm++", 0.75, False),
     ("sd4", "euler", 1.0, True),
-    ("sd4", "ddim", 1.0, True),
     ("sd4", "dpm++", 0.6, False),
     ("xl9", "euler", 1.0, True),
 ]
