@@ -15,7 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from runtime_engines import SIZE, _root, tiny_engines, tiny_model
+from runtime_engines import (
+    SIZE,
+    _root,
+    tiny_engines,
+    tiny_model,
+    tiny_sdxl_engines,
+    tiny_sdxl_model,
+)
 
 from trt_sd.models.errors import InputError
 from trt_sd.runtime import Pipeline
@@ -75,7 +82,12 @@ def sdxl_inpaint_engines() -> Path:
 
 @cache
 def _pipe(kind: str) -> Pipeline:
-    engines = {"sd9": inpaint_engines, "sd4": tiny_engines, "xl9": sdxl_inpaint_engines}[kind]
+    engines = {
+        "sd9": inpaint_engines,
+        "sd4": tiny_engines,
+        "xl9": sdxl_inpaint_engines,
+        "xl4": tiny_sdxl_engines,
+    }[kind]
     return Pipeline.load(engines(), backend="onnxruntime-cpu")
 
 
@@ -91,8 +103,8 @@ def _mask(size: int = SIZE) -> np.ndarray:
 
 def _reference(monkeypatch, kind: str, strength: float):
     """diffusers' inpaint pipeline of ``kind``, handed our noise and posterior draws."""
-    module = xl_inpaint if kind == "xl9" else sd_inpaint
-    streams = [POSTERIOR_STREAM] if kind == "sd4" or strength < 1.0 else []
+    module = xl_inpaint if kind.startswith("xl") else sd_inpaint
+    streams = [POSTERIOR_STREAM] if kind.endswith("4") or strength < 1.0 else []
     streams.append(MASKED_IMAGE_STREAM)  # diffusers encodes the masked image even for 4 channels
 
     def noise(shape, generator=None, device=None, dtype=None, layout=None):
@@ -106,8 +118,9 @@ def _reference(monkeypatch, kind: str, strength: float):
 
     monkeypatch.setattr(module, "randn_tensor", noise)
     monkeypatch.setattr(module, "retrieve_latents", posterior)
-    if kind == "xl9":
-        return diffusers.StableDiffusionXLInpaintPipeline.from_pretrained(str(sdxl_inpaint_model()))
+    if kind.startswith("xl"):
+        model = sdxl_inpaint_model() if kind == "xl9" else tiny_sdxl_model()
+        return diffusers.StableDiffusionXLInpaintPipeline.from_pretrained(str(model))
     model = inpaint_model() if kind == "sd9" else tiny_model()
     return diffusers.StableDiffusionInpaintPipeline.from_pretrained(
         str(model), safety_checker=None, requires_safety_checker=False
@@ -146,6 +159,7 @@ CASES = [  # (engine, sampler, strength, latents given)
     ("sd4", "euler", 1.0, True),
     ("sd4", "dpm++", 0.6, False),
     ("xl9", "euler", 1.0, True),
+    ("xl4", "euler", 0.7, False),
 ]
 
 
