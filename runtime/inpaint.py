@@ -47,11 +47,18 @@ MAX_MASK_BLUR = 64.0
 
 
 def inpaint_strength(
-    dims: ModelDims, image: Any, mask: Any, strength: Any, denoising_start: Any = None
+    dims: ModelDims,
+    image: Any,
+    mask: Any,
+    strength: Any,
+    denoising_start: Any = None,
+    mask_blur: Any = 0.0,
 ) -> Any:
     """Check how a call combines image, mask and engine (before anything runs) and return
     the strength to use: the inpainting default when a mask is given and strength is not."""
     if mask is None:
+        if mask_blur:
+            raise InputError("mask_blur applies to inpainting: pass a mask too")
         if dims.inpainting:
             raise InputError(
                 f"this is an inpainting engine (a UNet with {dims.unet_in_channels} input "
@@ -182,9 +189,10 @@ class InpaintInput:
         """``init``: the image as :func:`~.images.load_image` made it; ``image`` and ``mask``
         as the caller gave them (their sizes must agree)."""
         blur = check_mask_blur(blur)
-        mask_size = image_size(mask) if not isinstance(mask, np.ndarray) else None
-        if isinstance(mask, np.ndarray) and mask.ndim >= 2:
-            mask_size = (int(mask.shape[1]), int(mask.shape[0]))
+        if isinstance(mask, np.ndarray):  # HxW masks too, which image_size does not read
+            mask_size = (int(mask.shape[1]), int(mask.shape[0])) if mask.ndim >= 2 else None
+        else:
+            mask_size = image_size(mask)
         size = image_size(image)
         if size is not None and mask_size is not None and size != mask_size:
             raise InputError(

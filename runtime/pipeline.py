@@ -200,7 +200,8 @@ class Pipeline:
         start = time.perf_counter()
         if output_type not in ("image", "latent"):
             raise InputError(f"output_type must be 'image' or 'latent', got {output_type!r}")
-        strength = inpaint_strength(self.manifest.dims, image, mask, strength, denoising_start)
+        dims = self.manifest.dims
+        strength = inpaint_strength(dims, image, mask, strength, denoising_start, mask_blur)
         handed, image, height, width, strength = prepare_handoff(
             self, image, denoising_start, sampler, steps, height, width, strength
         )

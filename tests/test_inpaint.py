@@ -229,6 +229,7 @@ def test_mask_preprocessing_matches_diffusers() -> None:
         ("sd4", {"image": "IMAGE", "mask": np.zeros((SIZE, SIZE), np.uint8)}, "no white pixels"),
         ("sd4", {"image": "IMAGE", "mask": _mask(24)}, "mask is 24x24 but the image is 16x16"),
         ("sd4", {"image": "IMAGE", "mask": "MASK", "mask_blur": -1}, "mask_blur must be in"),
+        ("sd4", {"image": "IMAGE", "mask_blur": 2}, "mask_blur applies to inpainting"),
         (
             "sd4",
             {"image": "IMAGE", "mask": np.zeros((SIZE, SIZE, 2), np.uint8)},
@@ -264,3 +265,15 @@ def test_export_refuses_features_inpainting_unets_lack(tmp_path, kwargs, flag) -
     with pytest.raises(InputError, match=f"{flag} is not supported for inpainting UNets"):
         export_model(inpaint_model(), tmp_path / "out", height=16, width=16, **kwargs)
     assert not (tmp_path / "out").exists()
+
+
+def test_batch_rows_are_each_images_own() -> None:
+    """Image i of a batch is the image its seed makes alone (CFG doubles the mask rows to
+    [m0, m1, m0, m1]; each image has its own posterior draws)."""
+    pipe = _pipe("sd9")
+    kwargs = {"image": _image(), "mask": _mask(), "steps": 3, "sampler": "euler", "guidance": 5.0}
+    batch = pipe(PROMPT, NEGATIVE, seed=SEED, batch=2, strength=0.8, **kwargs)
+    for i in range(2):
+        alone = pipe(PROMPT, NEGATIVE, seed=SEED + i, strength=0.8, **kwargs)
+        assert _diff([batch.images[i]], alone.images[0][None]) <= 1
+    assert _diff([batch.images[0]], batch.images[1][None]) > 8

@@ -171,7 +171,7 @@ class BatchingEngine:
             size = image_size(image)
             width = size[0] if width is None and size else width
             height = size[1] if height is None and size else height
-        strength = inpaint_strength(self.pipe.manifest.dims, image, mask, strength)
+        strength = inpaint_strength(self.pipe.manifest.dims, image, mask, strength, None, mask_blur)
         req = build_request(
             self.pipe.manifest,
             resolve_sampler,
