@@ -189,17 +189,14 @@ class InpaintInput:
         """``init``: the image as :func:`~.images.load_image` made it; ``image`` and ``mask``
         as the caller gave them (their sizes must agree)."""
         blur = check_mask_blur(blur)
-        if isinstance(mask, np.ndarray):  # HxW masks too, which image_size does not read
-            mask_size = (int(mask.shape[1]), int(mask.shape[0])) if mask.ndim >= 2 else None
-        else:
-            mask_size = image_size(mask)
+        pil = _mask_pil(mask)
         size = image_size(image)
-        if size is not None and mask_size is not None and size != mask_size:
+        if size is not None and size != pil.size:
             raise InputError(
-                f"mask is {mask_size[0]}x{mask_size[1]} but the image is {size[0]}x{size[1]}; "
+                f"mask is {pil.size[0]}x{pil.size[1]} but the image is {size[0]}x{size[1]}; "
                 "they must be the same size"
             )
-        return cls(init, load_mask(mask, width, height, blur), blur)
+        return cls(init, load_mask(pil, width, height, blur), blur)
 
     def start(
         self, pipe: Any, req: Any, stepper: Any, noise: np.ndarray, timings: dict[str, float]
