@@ -65,6 +65,7 @@ def test_cli_inpaints_as_the_api(capsys, tmp_path: Path, files) -> None:
         (["--mask", "MASK"], "pass the image to repaint too"),
         (["--image", "IMAGE", "--mask", "BLACK"], "mask has no white pixels"),
         (["--image", "IMAGE", "--mask-blur", "2"], "--mask-blur needs --mask"),
+        (["--image", "IMAGE", "--mask", "/no/such/mask.png"], "mask '/no/such/mask.png' is not"),
         (["--image", "IMAGE", "--mask", "MASK", "--mask-blur", "99"], "mask_blur must be in"),
     ],
 )
