@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from trt_sd.models import InputError
+from trt_sd.models.controlnet import is_residual
 from trt_sd.models.descriptors import CONTEXT, SAMPLE, TIMESTEP, Component
 
 from .checkpoint import Checkpoint
@@ -43,23 +44,37 @@ class TextEncoderWrapper(nn.Module):
 
 class UNetWrapper(nn.Module):
     """One float32 timestep per batch row; returns the raw model output. ``added``: names of
-    the extra inputs after the context, handed to diffusers as ``added_cond_kwargs``."""
+    the extra inputs after the context, handed to diffusers as ``added_cond_kwargs``;
+    ``residuals``: how many ControlNet residual inputs follow them (down ones, then mid)."""
 
-    def __init__(self, unet: nn.Module, added: tuple[str, ...] = ()) -> None:
+    def __init__(self, unet: nn.Module, added: tuple[str, ...] = (), residuals: int = 0) -> None:
         super().__init__()
         self.unet = unet
         self.added = added
+        self.residuals = residuals
 
     def forward(
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
-        *added: torch.Tensor,
+        *rest: torch.Tensor,
     ) -> torch.Tensor:
+        added, residuals = rest[: len(self.added)], rest[len(self.added) :]
         kwargs = dict(zip(self.added, added, strict=True)) or None
+        control: dict[str, Any] = {}
+        if self.residuals:
+            control = {
+                "down_block_additional_residuals": tuple(residuals[:-1]),
+                "mid_block_additional_residual": residuals[-1],
+            }
         return self.unet(
-            sample, timestep, encoder_hidden_states, added_cond_kwargs=kwargs, return_dict=False
+            sample,
+            timestep,
+            encoder_hidden_states,
+            added_cond_kwargs=kwargs,
+            return_dict=False,
+            **control,
         )[0]
 
 
@@ -108,6 +123,8 @@ class ModuleLoader:
     def __init__(self, checkpoint: Checkpoint) -> None:
         self.checkpoint = checkpoint
         self._pipe: Any = None
+        #: components the family does not list (ControlNets): name -> module factory
+        self.factories: dict[str, Any] = {}
         _quiet_loaders()
 
     def _single_file_pipe(self) -> Any:
@@ -147,11 +164,14 @@ class ModuleLoader:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise InputError(f"{folder} could not be loaded: {first}") from None
 
-    def wrapper(self, component: str) -> nn.Module:
-        """The descriptor-shaped fp32 module of one component, in eval mode."""
+    def wrapper(self, component: str, spec: Component | None = None) -> nn.Module:
+        """The descriptor-shaped fp32 module of one component, in eval mode (``spec``: the
+        descriptor when it is not the family's own, as the UNet with ControlNet inputs)."""
+        if component in self.factories:
+            return self.factories[component]().float().eval().requires_grad_(False)
         family = self.checkpoint.family_spec
         sub, kind = family.sources[component]
-        spec: Component = family.components(self.checkpoint.dims)[component]
+        spec = spec or family.components(self.checkpoint.dims)[component]
         model = self._submodel(sub, kind)
         mod: nn.Module
         if kind in ("clip_text", "clip_text_projection"):
@@ -160,8 +180,10 @@ class ModuleLoader:
                 model, int(extra.get("hidden_layer", -1)), bool(extra.get("pooled_output"))
             )
         elif kind == "unet":
-            added = tuple(n for n in spec.input_names if n not in (SAMPLE, TIMESTEP, CONTEXT))
-            mod = UNetWrapper(model, added)
+            extra = [n for n in spec.input_names if n not in (SAMPLE, TIMESTEP, CONTEXT)]
+            residuals = [n for n in extra if is_residual(n)]
+            added = tuple(n for n in extra if n not in residuals)
+            mod = UNetWrapper(model, added, len(residuals))
         elif kind == "vae_decoder":
             mod = VaeDecoderWrapper(model)
         elif kind == "vae_encoder":
