@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from trt_sd.models.errors import InputError
+from trt_sd.models.descriptors import TEXT_ENCODER, VAE_DECODER, VAE_ENCODER
+from trt_sd.models.errors import InputError, NumericalError
 
 #: Largest image (declared width x height) read from a file or bytes: 50 megapixels covers
 #: 8K frames and camera photos; a decompression bomb declares far more and is refused from its
@@ -121,3 +122,21 @@ def image_size(image: Any) -> tuple[int, int] | None:
             width, height = im.size
             return int(width), int(height)
     return None
+
+
+def check_finite(name: str, value: np.ndarray, detail: str = "", hint: str = "") -> None:
+    """NumericalError naming ``name`` and what to change when ``value`` holds NaN / inf."""
+    if np.isfinite(value).all():
+        return
+    hint = hint or {
+        VAE_DECODER: (
+            "; the fp16 SD VAE overflows on some latents: use the fp32 VAE "
+            "(re-export without --vae-fp16)"
+        ),
+        VAE_ENCODER: (
+            "; the fp16 SD VAE overflows on some images: use the fp32 VAE "
+            "(re-export without --vae-fp16)"
+        ),
+        TEXT_ENCODER: "; export the text encoder in fp32",
+    }.get(name, "; try an fp32 export")
+    raise NumericalError(f"{name} produced NaN or inf{detail}{hint}")
