@@ -38,13 +38,13 @@ from .checkpoint import Checkpoint, hash_tree, sha256_file
 #: UNet config keys a ControlNet must share with the base UNet (its residuals must fit the
 #: UNet's skips, and it reads the same context and added conditioning)
 MATCHING_KEYS = (
+    "cross_attention_dim",  # first: it tells SD 1.x (768), SD 2.x (1024) and SDXL (2048) apart
+    "addition_embed_type",
+    "projection_class_embeddings_input_dim",
     "in_channels",
     "block_out_channels",
     "layers_per_block",
     "down_block_types",
-    "cross_attention_dim",
-    "addition_embed_type",
-    "projection_class_embeddings_input_dim",
 )
 _DEFAULTS: dict[str, Any] = {
     "in_channels": 4,
@@ -190,9 +190,7 @@ def resolve_controlnets(
         check_fits(source, ckpt)
     base = family.components(ckpt.dims)[UNET]
     layout = UNetLayout.from_unet_config(ckpt.unet_config, ckpt.dims, base)
-    infos = [
-        ControlNetInfo(controlnet_name(i), 3, s.name, "") for i, s in enumerate(sources)
-    ]
+    infos = [ControlNetInfo(controlnet_name(i), 3, s.name, "") for i, s in enumerate(sources)]
     return ControlNetPlan(layout, base, tuple(infos)), sources
 
 
@@ -222,13 +220,9 @@ class ControlNetWrapper(nn.Module):
 
 def register_modules(loader: Any, plan: ControlNetPlan, sources: list[ControlNetSource]) -> None:
     """Teach the export's module loader the ControlNet components (loaded on use)."""
-    added = tuple(
-        n for n in plan.base.input_names if n not in (SAMPLE, TIMESTEP, CONTEXT)
-    )
+    added = tuple(n for n in plan.base.input_names if n not in (SAMPLE, TIMESTEP, CONTEXT))
     for info, source in zip(plan.models, sources, strict=True):
-        loader.factories[info.component] = (
-            lambda s=source: ControlNetWrapper(s.load(), added)
-        )
+        loader.factories[info.component] = lambda s=source: ControlNetWrapper(s.load(), added)
 
 
 def build_controlnets(
@@ -244,7 +238,9 @@ def build_controlnets(
     infos = []
     for info, source in zip(plan.models, sources, strict=True):
         digest = source.weights_hash()
-        infos.append(ControlNetInfo(info.component, info.conditioning_channels, info.source, digest))
+        infos.append(
+            ControlNetInfo(info.component, info.conditioning_channels, info.source, digest)
+        )
         component = plan.controlnet(info, ctx.ckpt.dims)
         ctx.precisions[info.component] = ctx.precisions[UNET]
         key = ctx.cache_key(component, {"weights": digest, "controlnet": info.component})

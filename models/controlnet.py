@@ -132,7 +132,9 @@ class ControlNetPlan:
         return {"layout": self.layout.to_dict(), "models": [m.to_dict() for m in self.models]}
 
 
-def controlnet_plan(raw: Mapping[str, Any], base: Component, dims: ModelDims) -> ControlNetPlan | None:
+def controlnet_plan(
+    raw: Mapping[str, Any], base: Component, dims: ModelDims
+) -> ControlNetPlan | None:
     """The plan of a manifest dict with ControlNets (``raw["controlnet"]``), else None."""
     section = raw.get(MANIFEST_KEY)
     if not section:

@@ -41,6 +41,7 @@ import numpy as np
 
 from trt_sd.models.descriptors import UNET, VAE_DECODER
 from trt_sd.models.errors import InputError, TrtSdError
+from trt_sd.runtime.controlnet import fill_size, resolve_control
 from trt_sd.runtime.denoise import Lane, split_rows
 from trt_sd.runtime.images import image_size, load_image
 from trt_sd.runtime.noise import initial_noise
@@ -154,13 +155,20 @@ class BatchingEngine:
         image: Any = None,
         strength: float | None = None,
         emphasis: str = "original",
+        control_image: Any = None,
+        controlnet_scale: Any = 1.0,
+        control_start: Any = 0.0,
+        control_end: Any = 1.0,
         **options: Any,
     ) -> Ticket:
         """Validate a request (the rules and messages of ``trt-sd run``: InputError) and queue
         it; QueueFullError when the queue is full, EngineStoppedError after :meth:`close`.
         ``image`` (PIL image or uint8 array) + ``strength``: img2img, as ``Pipeline.__call__``.
         ``emphasis``: how the prompt's ``(word:1.3)`` weight it, as ``Pipeline.__call__``.
-        ``options``: the model family's own (as ``Pipeline.__call__`` takes them)."""
+        ``options``: the model family's own (as ``Pipeline.__call__`` takes them).
+        ``control_image`` / ``controlnet_scale`` / ``control_start`` / ``control_end``: as
+        ``Pipeline.__call__``; they travel with the request's rows (per-row scales)."""
+        height, width = fill_size(control_image, height, width)
         if image is not None and (height is None or width is None):
             size = image_size(image)
             width = size[0] if width is None and size else width
@@ -190,6 +198,9 @@ class BatchingEngine:
         now = time.monotonic()
         job = Job(req, stepper, Future(), now + self.timeout_s, now, next(self._seq))
         job.options = family_options
+        job.control = resolve_control(
+            self.pipe.controlnet, control_image, controlnet_scale, control_start, control_end, req
+        )
         if image is not None:
             job.init = load_image(image, req.width, req.height)
         with self._cond:
@@ -345,7 +356,8 @@ class BatchingEngine:
             job.turn = self._turn
             x_in = np.asarray(job.stepper.scale_model_input(job.x, job.step), dtype=np.float32)
             t = job.stepper.timesteps[job.step]
-            lanes.append(Lane(x_in, t, job.req.cfg, job.embeddings or {}))
+            ctl = job.control.at(job.step, job.stepper.num_model_calls) if job.control else None
+            lanes.append(Lane(x_in, t, job.req.cfg, job.embeddings or {}, ctl))
         rows = sum(lane.rows for lane in lanes)
         try:
             outputs = self.pipe.engines[UNET].run(self._step.feeds(lanes))
@@ -400,7 +412,10 @@ class BatchingEngine:
                 for job, image in zip(chunk, images, strict=True):
                     result = Generated(
                         image,
-                        self.pipe.result_params(job.req, job.options),
+                        self.pipe.result_params(
+                            job.req,
+                            {**job.options, **(job.control.params() if job.control else {})},
+                        ),
                         job.stepper.num_model_calls,
                         time.monotonic() - job.submitted,
                     )

@@ -62,6 +62,7 @@ class Job:
     turn: int = 0  # scheduler turn of its last UNet call (fairness across sizes)
     cancelled: bool = False
     init: np.ndarray | None = None  # img2img: the init image (1, 3, H, W) in [-1, 1]
+    control: Any = None  # ControlNet images / scales (trt_sd.runtime.controlnet.RequestControl)
 
     @property
     def rows(self) -> int:
