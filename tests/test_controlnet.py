@@ -85,7 +85,6 @@ def test_export_records_controlnets(pipe: Pipeline) -> None:
 @pytest.mark.parametrize(
     ("case", "sampler", "scheduler"),
     [
-        ("one", "euler", "EulerDiscreteScheduler"),
         ("one-window-per-image", "dpm++", "DPMSolverMultistepScheduler"),
         ("two", "euler", "EulerDiscreteScheduler"),
     ],
