@@ -180,11 +180,6 @@ def resolve_controlnets(
             "--controlnet cannot be combined with --split-unet or --deepcache (UNet sections "
             "take no ControlNet residuals); export without them"
         )
-    if precision == "int8":
-        raise InputError(
-            "--controlnet needs --precision fp32 or fp16 (INT8 calibration does not feed "
-            "ControlNet residuals yet)"
-        )
     sources = [locate_controlnet(p) for p in items]
     for source in sources:
         check_fits(source, ckpt)
@@ -242,7 +237,8 @@ def build_controlnets(
             ControlNetInfo(info.component, info.conditioning_channels, info.source, digest)
         )
         component = plan.controlnet(info, ctx.ckpt.dims)
-        ctx.precisions[info.component] = ctx.precisions[UNET]
+        unet_precision = ctx.precisions[UNET]  # an INT8 UNet's ControlNets stay fp32
+        ctx.precisions[info.component] = "fp32" if unet_precision == "int8" else unet_precision
         key = ctx.cache_key(component, {"weights": digest, "controlnet": info.component})
         entry = ctx.reusable(info.component, key)
         if entry is not None:

@@ -63,7 +63,7 @@ class UNetWrapper(nn.Module):
         added, residuals = rest[: len(self.added)], rest[len(self.added) :]
         kwargs = dict(zip(self.added, added, strict=True)) or None
         control: dict[str, Any] = {}
-        if self.residuals:
+        if residuals:  # ControlNet residuals (without them: the plain UNet, i.e. zeros)
             control = {
                 "down_block_additional_residuals": tuple(residuals[:-1]),
                 "mid_block_additional_residual": residuals[-1],

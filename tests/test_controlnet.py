@@ -314,7 +314,6 @@ def test_export_refusals(tmp_path) -> None:
     for kwargs, message in (
         ({"split_unet": 2}, "cannot be combined with --split-unet"),
         ({"deepcache": 0}, "cannot be combined with --split-unet or --deepcache"),
-        ({"precision": "int8"}, "--controlnet needs --precision fp32 or fp16"),
         ({"controlnet": tmp_path / "missing"}, "does not exist"),
         ({"controlnet": tiny_model() / "unet"}, "is not a ControlNetModel config"),
     ):
