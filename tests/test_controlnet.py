@@ -349,3 +349,25 @@ def test_cli(tmp_path, capsys) -> None:
         assert main([*base, *extra]) == 2
         stderr = capsys.readouterr().err
         assert stderr.strip().count("\n") == 0 and message in stderr, stderr
+
+
+def test_single_file_controlnet(tmp_path) -> None:
+    """A ``.safetensors`` ControlNet with its ``config.json`` beside it loads the same weights
+    as its folder; without the config, or as a pickle, it is refused in one line."""
+    import shutil
+
+    from trt_sd.export.controlnet import locate_controlnet
+
+    folder = tiny_controlnets()[0]
+    single = tmp_path / "canny.safetensors"
+    shutil.copyfile(folder / "diffusion_pytorch_model.safetensors", single)
+    with pytest.raises(InputError, match=r"has no config\.json"):
+        locate_controlnet(single)
+    shutil.copyfile(folder / "config.json", tmp_path / "config.json")
+    loaded = locate_controlnet(single).load().state_dict()
+    reference = diffusers.ControlNetModel.from_pretrained(str(folder)).state_dict()
+    assert loaded.keys() == reference.keys()
+    assert all(torch.equal(loaded[k], reference[k]) for k in reference)
+    (tmp_path / "canny.bin").write_bytes(b"")
+    with pytest.raises(InputError, match=r"pass a diffusers ControlNet folder or a \.safetensors"):
+        locate_controlnet(tmp_path / "canny.bin")
