@@ -25,6 +25,7 @@ from . import engine_dir
 from .build_context import BuildContext
 from .checkpoint import TOKENIZER_FILES, Checkpoint, locate, sha256_file
 from .component_build import build_component
+from .controlnet import build_controlnets, resolve_controlnets
 from .inpaint import check_inpaint_export
 from .options import DEFAULT_PROMPT_CHUNKS, ExportOptions, resolve_options
 from .partition import build_unet_sections, resolve_unet_cut
@@ -84,6 +85,7 @@ def export_model(
     split_unet: int | None = None,
     deepcache: int | None = None,
     prompt_chunks: int = DEFAULT_PROMPT_CHUNKS,
+    controlnet: str | os.PathLike[str] | list[str | os.PathLike[str]] | None = None,
 ) -> Manifest:
     """Export ``model`` (diffusers folder, single ``.safetensors``, or ``None`` for the bundled
     default) to ``out_dir`` (default: :func:`trt_sd.models.default_engine_dir`).
@@ -105,7 +107,9 @@ def export_model(
     the DeepCache feature output at skip branch ``B`` (0 = shallowest) to the UNet and a shallow
     UNet (see :mod:`trt_sd.export.partition`). ``prompt_chunks=N``: the UNet takes contexts of
     1..N prompt chunks (77..77*N tokens; long prompts, :mod:`trt_sd.runtime.prompt_chunks`);
-    static TensorRT shapes pin it to one chunk. Raises ``InputError`` for bad
+    static TensorRT shapes pin it to one chunk. ``controlnet``: one ControlNet folder / file or a
+    list of them, each exported as ``controlnet_<i>`` with a UNet that takes their residuals
+    (:mod:`trt_sd.export.controlnet`). Raises ``InputError`` for bad
     arguments, ``NumericalError`` (naming the component) when a graph fails verification.
     """
     ckpt = locate(model, config=config, allow_pickle=allow_pickle)
@@ -131,9 +135,14 @@ def export_model(
     shapes = ShapeRange(
         opts.batch, opts.height, opts.width, ckpt.vae_scale_factor, text_length_range(opts, ckpt)
     )
-    check_inpaint_export(ckpt.dims, opts.precision == "int8", split_unet, deepcache)
+    check_inpaint_export(
+        ckpt.dims, opts.precision == "int8", split_unet, deepcache, bool(controlnet)
+    )
     int8_recipe = _int8_recipe(int8, opts, ckpt, shapes)
     unet_cut = resolve_unet_cut(split_unet, deepcache, opts.precision, ckpt)
+    controlnets = resolve_controlnets(
+        controlnet, ckpt, precision=opts.precision, split_unet=split_unet, deepcache=deepcache
+    )
     out = Path(default_engine_dir() if out_dir is None else out_dir).expanduser().absolute()
     engine_dir.check_output_dir(out)
     engine_dir.remove_stale_builds(out)
@@ -150,8 +159,9 @@ def export_model(
             tools=tool_versions(),
             previous=engine_dir.previous_manifest(out),
             int8=int8_recipe,
+            controlnet=controlnets[0] if controlnets else None,
         )
-        _run(ctx, unet_cut)
+        _run(ctx, unet_cut, controlnets[1] if controlnets else [])
         engine_dir.publish(build, out)
     except BaseException:
         engine_dir.discard(build)
@@ -159,12 +169,16 @@ def export_model(
     return Manifest.load(out)
 
 
-def _run(ctx: BuildContext, unet_cut: tuple[int | None, int | None] | None) -> None:
+def _run(
+    ctx: BuildContext, unet_cut: tuple[int | None, int | None] | None, controlnets: list
+) -> None:
     """Per component reuse-or-build, then tokenizer files and the manifest (validated before
     anything is published)."""
     started = time.perf_counter()
     family = ctx.ckpt.family_spec
     components = family.components(ctx.ckpt.dims)
+    if ctx.controlnet is not None:  # the UNet with residual inputs
+        components[UNET] = ctx.controlnet.unet()
     entries, reused = {}, []
     for name in family.component_names:
         if name == UNET and unet_cut is not None:
@@ -182,6 +196,10 @@ def _run(ctx: BuildContext, unet_cut: tuple[int | None, int | None] | None) -> N
         else:
             entry = build_component(ctx, components[name], key)
         entries[name] = entry
+    if ctx.controlnet is not None:
+        built, was_reused = build_controlnets(ctx, ctx.controlnet, controlnets)
+        entries.update(built)
+        reused += was_reused
     _copy_tokenizer(ctx)
     raw = _manifest(ctx, entries, reused, time.perf_counter() - started)
     for key in ctx.ckpt.tokenizer_entries():  # the runtime verifies these like engine files

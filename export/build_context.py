@@ -69,6 +69,7 @@ class BuildContext:
     int8: Any = None  # ResolvedRecipe for precision int8
     quantization: dict[str, Any] | None = None  # set by the INT8 UNet build
     unet_records: dict[str, Any] = field(default_factory=dict)  # unet_partition / deepcache
+    controlnet: Any = None  # ControlNetPlan of ``--controlnet`` (the UNet takes residuals)
     _loader: Any = None
 
     # ---- the one cache key ------------------------------------------------------------------
@@ -91,6 +92,8 @@ class BuildContext:
         }
         if section is not None:
             parts.update(section)
+        if component.name == UNET and self.controlnet is not None:
+            parts["controlnet_residuals"] = self.controlnet.residual_names
         if component.name == UNET and self.int8 is not None:
             parts["int8"] = self.int8.to_dict()
         return engine_dir.cache_key(parts)

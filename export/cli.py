@@ -116,6 +116,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="add DeepCache: the UNet also returns the feature at skip BRANCH (default 0, the "
         "shallowest) and a shallow UNet reads it; run with `--deepcache N`",
     )
+    parser.add_argument(
+        "--controlnet",
+        action="append",
+        default=None,
+        metavar="DIR_OR_FILE",
+        help="export a ControlNet (diffusers folder, or .safetensors with config.json beside "
+        "it) and a UNet that takes its residuals; repeat for several",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -150,6 +158,7 @@ def main(args: argparse.Namespace) -> int:
         int8=int8_options(args),
         split_unet=args.split_unet,
         deepcache=args.deepcache,
+        controlnet=args.controlnet,
     )
     out = default_engine_dir() if args.out is None else args.out
     print(summary_table(manifest) + describe(manifest.quantization))

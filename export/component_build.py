@@ -37,7 +37,7 @@ def build_component(ctx: BuildContext, component: Component, key: str) -> dict[s
     bar = StageBar(name, ctx.progress, engine=opts.builds_engines)
     t0 = time.perf_counter()
     bar.stage("load")
-    module = ctx.loader().wrapper(name)
+    module = ctx.loader().wrapper(name, component)
     rng = np.random.default_rng(0)
     feed_args = {
         "vocab_size": int(ckpt.text_config.get("vocab_size", 49408)),

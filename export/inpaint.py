@@ -42,7 +42,11 @@ INPAINT_INPUTS = (MASK, MASKED_IMAGE_LATENTS)
 
 
 def check_inpaint_export(
-    dims: ModelDims, int8: bool, split_unet: int | None, deepcache: int | None
+    dims: ModelDims,
+    int8: bool,
+    split_unet: int | None,
+    deepcache: int | None,
+    controlnet: bool = False,
 ) -> None:
     """Features whose graphs model a plain UNet's input are refused for inpainting UNets, in
     one line, before anything is exported."""
@@ -54,6 +58,7 @@ def check_inpaint_export(
             ("--int8", int8),
             ("--split-unet", split_unet),
             ("--deepcache", deepcache),
+            ("--controlnet", controlnet or None),
         )
         if value is not None and value is not False  # deepcache=0 is a branch, not "off"
     ]

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from trt_sd.models import InputError
+from trt_sd.models.controlnet import is_residual
 from trt_sd.models.descriptors import CONTEXT, SAMPLE, TIMESTEP, Component
 
 from .checkpoint import Checkpoint
@@ -44,23 +45,37 @@ class TextEncoderWrapper(nn.Module):
 
 class UNetWrapper(nn.Module):
     """One float32 timestep per batch row; returns the raw model output. ``added``: names of
-    the extra inputs after the context, handed to diffusers as ``added_cond_kwargs``."""
+    the extra inputs after the context, handed to diffusers as ``added_cond_kwargs``;
+    ``residuals``: how many ControlNet residual inputs follow them (down ones, then mid)."""
 
-    def __init__(self, unet: nn.Module, added: tuple[str, ...] = ()) -> None:
+    def __init__(self, unet: nn.Module, added: tuple[str, ...] = (), residuals: int = 0) -> None:
         super().__init__()
         self.unet = unet
         self.added = added
+        self.residuals = residuals
 
     def forward(
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
-        *added: torch.Tensor,
+        *rest: torch.Tensor,
     ) -> torch.Tensor:
+        added, residuals = rest[: len(self.added)], rest[len(self.added) :]
         kwargs = dict(zip(self.added, added, strict=True)) or None
+        control: dict[str, Any] = {}
+        if residuals:  # ControlNet residuals (without them: the plain UNet, i.e. zeros)
+            control = {
+                "down_block_additional_residuals": tuple(residuals[:-1]),
+                "mid_block_additional_residual": residuals[-1],
+            }
         return self.unet(
-            sample, timestep, encoder_hidden_states, added_cond_kwargs=kwargs, return_dict=False
+            sample,
+            timestep,
+            encoder_hidden_states,
+            added_cond_kwargs=kwargs,
+            return_dict=False,
+            **control,
         )[0]
 
 
@@ -109,6 +124,8 @@ class ModuleLoader:
     def __init__(self, checkpoint: Checkpoint) -> None:
         self.checkpoint = checkpoint
         self._pipe: Any = None
+        #: components the family does not list (ControlNets): name -> module factory
+        self.factories: dict[str, Any] = {}
         _quiet_loaders()
 
     def _single_file_pipe(self) -> Any:
@@ -148,11 +165,14 @@ class ModuleLoader:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise InputError(f"{folder} could not be loaded: {first}") from None
 
-    def wrapper(self, component: str) -> nn.Module:
-        """The descriptor-shaped fp32 module of one component, in eval mode."""
+    def wrapper(self, component: str, spec: Component | None = None) -> nn.Module:
+        """The descriptor-shaped fp32 module of one component, in eval mode (``spec``: the
+        descriptor when it is not the family's own, as the UNet with ControlNet inputs)."""
+        if component in self.factories:
+            return self.factories[component]().float().eval().requires_grad_(False)
         family = self.checkpoint.family_spec
         sub, kind = family.sources[component]
-        spec: Component = family.components(self.checkpoint.dims)[component]
+        spec = spec or family.components(self.checkpoint.dims)[component]
         model = self._submodel(sub, kind)
         mod: nn.Module
         if kind in ("clip_text", "clip_text_projection"):
@@ -161,8 +181,10 @@ class ModuleLoader:
                 model, int(extra.get("hidden_layer", -1)), bool(extra.get("pooled_output"))
             )
         elif kind == "unet":
-            added = tuple(n for n in spec.input_names if n not in (SAMPLE, TIMESTEP, CONTEXT))
-            mod = _unet_wrapper(self.checkpoint.dims, model, added)
+            extra = [n for n in spec.input_names if n not in (SAMPLE, TIMESTEP, CONTEXT)]
+            residuals = [n for n in extra if is_residual(n)]
+            added = tuple(n for n in extra if n not in residuals)
+            mod = _unet_wrapper(self.checkpoint.dims, model, added, len(residuals))
         elif kind == "vae_decoder":
             mod = VaeDecoderWrapper(model)
         elif kind == "vae_encoder":
@@ -172,13 +194,16 @@ class ModuleLoader:
         return mod.float().eval().requires_grad_(False)
 
 
-def _unet_wrapper(dims: Any, model: nn.Module, added: tuple[str, ...]) -> nn.Module:
-    """The UNet's wrapper: an inpainting UNet concatenates its mask inputs in the graph."""
+def _unet_wrapper(
+    dims: Any, model: nn.Module, added: tuple[str, ...], residuals: int = 0
+) -> nn.Module:
+    """The UNet's wrapper: an inpainting UNet concatenates its mask inputs in the graph
+    (export refuses ControlNets for it, so it has no residual inputs)."""
     if dims.inpainting:
         return InpaintUNetWrapper(
             UNetWrapper(model, tuple(n for n in added if n not in INPAINT_INPUTS))
         )
-    return UNetWrapper(model, added)
+    return UNetWrapper(model, added, residuals)
 
 
 #: Extra arguments of ``from_single_file`` per pipeline class (no safety checker to load).

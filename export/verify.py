@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from trt_sd.models import Component, NumericalError, ShapeRange
+from trt_sd.models.unet_stages import resolve_axis
 
 #: Allowed ``max|onnx - torch| / max|torch|`` per graph precision.
 TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}
@@ -73,7 +74,7 @@ def random_inputs(
     feeds = {}
     arr: np.ndarray
     for spec in component.inputs:
-        shape = tuple(sizes[s] if isinstance(s, str) else s for s in spec.shape)
+        shape = tuple(resolve_axis(s, sizes) if isinstance(s, str) else s for s in spec.shape)
         dtype = spec.resolved_dtype(precision)
         if dtype.startswith("int"):
             arr = rng.integers(0, vocab_size, shape)

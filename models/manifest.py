@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import integrity, manifest_schema
+from .controlnet import CONTROLNET_PREFIX
 from .descriptors import ModelDims, ShapeRange
 from .errors import InputError, ManifestError
 from .families import FamilySpec, family_of
@@ -188,7 +189,8 @@ class Manifest:
             raise ManifestError("manifest 'components' must be an object")
         family = family_of(raw)
         known = family.component_names
-        unknown = [n for n in comps_raw if n not in known and not n.startswith("unet")]
+        extra = ("unet", CONTROLNET_PREFIX) if raw.get("controlnet") else ("unet",)
+        unknown = [n for n in comps_raw if n not in known and not n.startswith(extra)]
         if unknown:
             names = ", ".join(manifest_schema.shown(n) for n in unknown[:5])
             raise ManifestError(f"manifest names unknown components: {names}")

@@ -217,6 +217,26 @@ UNET_DEEPCACHE = obj(
         "feature": opt(string(max_len=256)),
     }
 )
+#: ControlNets (:mod:`trt_sd.models.controlnet`): the UNet layout their residuals follow
+CONTROLNET = obj(
+    {
+        "layout": req(LAYOUT),
+        "models": req(
+            array(
+                obj(
+                    {
+                        "component": req(string(max_len=64)),
+                        "conditioning_channels": req(integer(1, 64)),
+                        "source": opt(string(max_len=4096)),
+                        "hash": opt(string(max_len=128)),
+                    }
+                ),
+                1,
+                16,
+            )
+        ),
+    }
+)
 
 
 def schema_version(value: Any, where: str) -> None:
@@ -251,6 +271,7 @@ TOP_FIELDS: dict[str, Field] = {
     "defaults": opt(nullable(DEFAULTS)),
     "unet_partition": opt(nullable(UNET_PARTITION)),
     "unet_deepcache": opt(nullable(UNET_DEEPCACHE)),
+    "controlnet": opt(nullable(CONTROLNET)),
     "quantization": opt(nullable(obj({}, files=False))),
     "export": opt(nullable(obj({}, files=False))),
     "tools": opt(nullable(obj({}, files=False))),

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from trt_sd.models.controlnet import is_residual
 from trt_sd.models.descriptors import SAMPLE, TIMESTEP, UNET, Component
 from trt_sd.models.errors import InputError, NumericalError
 from trt_sd.models.manifest import Manifest
@@ -90,6 +91,8 @@ class Lane:
     timestep: float
     cfg: bool
     conditioning: Conditioning  # rows = images * (2 if cfg else 1)
+    #: ControlNet images and scales at this call (:mod:`.controlnet`); None: no control
+    control: Any = None
 
     @property
     def rows(self) -> int:
@@ -102,12 +105,19 @@ class DenoiseStep:
     def __init__(self, unet: Component, manifest: Manifest | None = None) -> None:
         self.unet = unet
         self.output_name = unet.output_names[0]
-        self.conditioning = [n for n in unet.input_names if n not in (SAMPLE, TIMESTEP)]
+        self.conditioning = [
+            n for n in unet.input_names if n not in (SAMPLE, TIMESTEP) and not is_residual(n)
+        ]
         self.manifest = manifest  # for the overflow hint (which precision, which fix)
+        #: the ControlNets that feed the UNet's residual inputs (:mod:`.controlnet`)
+        self.control: Any = None
 
-    def feeds(self, lanes: Sequence[Lane]) -> dict[str, Any]:
+    def feeds(
+        self, lanes: Sequence[Lane], timings: dict[str, float] | None = None
+    ) -> dict[str, Any]:
         """The UNet feeds of ``lanes`` (rows in lane order). A single lane's conditioning is
-        passed as it is, so a device buffer from the text encoder stays on the device."""
+        passed as it is, so a device buffer from the text encoder stays on the device. With
+        ControlNets, their residuals (zeros for lanes without control) join the feeds."""
         samples = [np.concatenate([a.x_in, a.x_in]) if a.cfg else a.x_in for a in lanes]
         feeds: dict[str, Any] = {
             SAMPLE: samples[0] if len(samples) == 1 else np.concatenate(samples),
@@ -121,6 +131,8 @@ class DenoiseStep:
             except KeyError:
                 raise InputError(f"unet: the text step gave no {name!r}") from None
             feeds[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if self.control is not None:
+            feeds.update(self.control.residual_feeds(feeds, lanes, timings))
         return feeds
 
     def output(

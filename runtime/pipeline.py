@@ -28,6 +28,7 @@ from trt_sd.models.unet_stages import UNET_SHALLOW
 from .backends import EngineBackend, create_backend
 from .chains import run_chains
 from .conditioning import TextConditioner, load_tokenizers
+from .controlnet import attach_controlnets, controlnet_components, fill_size, resolve_control
 from .deepcache import DeepCacheConfig, DeepCacheState, deepcache_components, resolve_deepcache
 from .denoise import DenoiseStep, Lane, check_latents, unet_overflow_hint
 from .handoff import end_calls, prepare_handoff
@@ -95,12 +96,16 @@ class Pipeline:
         self.manifest = manifest
         self.engines = engines
         self.family = manifest.family
-        self.components: dict[str, Component] = self.family.components(manifest.dims)
+        self.components: dict[str, Component] = {
+            **self.family.components(manifest.dims),
+            **controlnet_components(manifest),
+        }
         self.tokenizers = tokenizers
         #: the first text encoder's tokenizer (what SD 1.x / 2.x have)
         self.tokenizer = tokenizers[self.family.text_encoders[0].component]
         self.text = TextConditioner(self.family, manifest, self.components, tokenizers)
         self.denoise_step = DenoiseStep(self.components[UNET], manifest)
+        self.controlnet = attach_controlnets(self)  # ControlNetPlan or None
         config = manifest.scheduler_config
         config["prediction_type"] = manifest.prediction_type  # the manifest is authoritative
         self.scheduler_config = config
@@ -128,6 +133,7 @@ class Pipeline:
         components = {
             **manifest.family.components(manifest.dims),
             **deepcache_components(manifest),
+            **controlnet_components(manifest),
         }
         engines: dict[str, Any] = {
             name: create_backend(backend, path, components[name], entry, placement.device_id)
@@ -173,6 +179,10 @@ class Pipeline:
         emphasis: str = "original",
         mask: Any = None,
         mask_blur: float = 0.0,
+        control_image: Any = None,
+        controlnet_scale: float | Sequence[float] = 1.0,
+        control_start: float | Sequence[float] = 0.0,
+        control_end: float | Sequence[float] = 1.0,
         **options: Any,
     ) -> GenerationResult:
         """Generate ``batch`` images. Unset prompt, steps, guidance, height and width come from
@@ -189,6 +199,10 @@ class Pipeline:
         ``deepcache``: cache interval N (``0`` off; default: the one given to :meth:`load`).
         ``emphasis``: how the prompt's ``(word:1.3)`` / ``[word]`` weight it (AUTOMATIC1111's
         modes, :mod:`trt_sd.runtime.prompt_chunks`; ``"none"`` reads them as diffusers does).
+        ``control_image`` (engines exported with ``--controlnet``): one preprocessed image per
+        ControlNet, each one or ``batch`` images of the output size, with ``controlnet_scale``
+        and the ``control_start`` / ``control_end`` window (per ControlNet or one for all),
+        as diffusers' ControlNet pipelines (:mod:`trt_sd.runtime.controlnet`).
         ``options``: the model family's own (SDXL: ``original_size``,
         ``crops_coords_top_left``, ``target_size`` and their ``negative_`` forms, diffusers'
         defaults); InputError for an option the family does not take.
@@ -212,6 +226,7 @@ class Pipeline:
             factor = self.manifest.dims.vae_scale_factor
             height = np.shape(latents)[2] * factor if height is None else height
             width = np.shape(latents)[3] * factor if width is None else width
+        height, width = fill_size(control_image, height, width)
         if image is not None and (height is None or width is None):
             size = image_size(image)
             if size is not None:
@@ -238,6 +253,9 @@ class Pipeline:
             emphasis=emphasis,
         )
         family_options = self.family.check_options(options, req.height, req.width)
+        control = resolve_control(
+            self.controlnet, control_image, controlnet_scale, control_start, control_end, req
+        )
         noise = self._initial_noise(req, latents)
         init_image = load_image(image, req.width, req.height) if image is not None else None
         inpaint = None
@@ -268,10 +286,13 @@ class Pipeline:
         if isinstance(self.engines[UNET], StagedUNet) and req.batch > 1 and inpaint is None:
             x = run_chains(self, req, x, conditioning, timings, progress, calls)
         else:
-            x = self._denoise(req, stepper, x, conditioning, timings, progress, cache, calls)
+            x = self._denoise(
+                req, stepper, x, conditioning, timings, progress, cache, calls, control
+            )
         images = self._decode(x, timings) if output_type == "image" else []
         timings["total"] = time.perf_counter() - start
-        params = self.result_params(req, family_options)
+        extra = control.params() if control else {}
+        params = self.result_params(req, {**family_options, **extra})
         params.update(inpaint.params() if inpaint is not None else {})
         for key, value in (("denoising_end", denoising_end), ("denoising_start", denoising_start)):
             if value is not None:
@@ -407,9 +428,11 @@ class Pipeline:
         progress: ProgressArg,
         cache: DeepCacheState | None = None,
         calls: int | None = None,
+        control: Any = None,
     ) -> np.ndarray:
         """The sampler loop over :class:`DenoiseStep` (one lane: this request's rows);
-        ``calls``: stop after that many model calls (``denoising_end``)."""
+        ``calls``: stop after that many model calls (``denoising_end``); ``control``: the
+        request's ControlNet images and scales."""
         step = self.denoise_step
         total = stepper.num_model_calls if calls is None else calls
         bar = progress_reporter(progress, total)
@@ -419,8 +442,9 @@ class Pipeline:
             try:
                 for i in range(total):
                     x_in = np.asarray(stepper.scale_model_input(x, i), dtype=np.float32)
-                    lane = Lane(x_in, stepper.timesteps[i], req.cfg, conditioning)
-                    outputs = self._run_unet(i, step.feeds([lane]), timings, cache)
+                    ctl = control.at(i, stepper.num_model_calls) if control else None
+                    lane = Lane(x_in, stepper.timesteps[i], req.cfg, conditioning, ctl)
+                    outputs = self._run_unet(i, step.feeds([lane], timings), timings, cache)
                     x = step.advance(req, stepper, i, x, step.output(outputs, i, total, x_in))
                     if bar is not None:
                         bar(i + 1, total)

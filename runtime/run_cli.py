@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from trt_sd.models.errors import InputError
+from trt_sd.runtime.controlnet_cli import add_control_arguments, control_kwargs
 
 # Pipeline keyword -> CLI destination, for the values --from-png may supply.
 _FROM_PNG_KEYS = (
@@ -94,6 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="DeepCache interval: full UNet every N calls, shallow UNet between (engines "
         "exported with --deepcache); N:nonuniform for the paper's non-uniform schedule",
     )
+    add_control_arguments(parser)
     parser.add_argument("--json", action="store_true", help="end stdout with a JSON summary")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or timing table")
 
@@ -115,6 +117,7 @@ def _request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         from trt_sd.runtime.request import check_batch
 
         kwargs["batch"] = check_batch(args.batch)  # before anything is sized by it
+    kwargs.update(control_kwargs(args))
     if kwargs.get("strength") is not None and not args.image:
         raise InputError(
             "img2img parameters need the init image: pass it with --image FILE"

@@ -159,7 +159,7 @@ def build_int8_unet(
 
     bar.stage("load")
     loader = builder.loader()
-    wrapper = loader.wrapper(UNET)
+    wrapper = loader.wrapper(UNET, component)  # calibrated without residuals (zeros)
     encoder = TextEncoder(ckpt, loader.wrapper(TEXT_ENCODER))
     judge = _digits_judge(ckpt.path) if ckpt.kind == "folder" else None
     plan = report_plan(
@@ -230,7 +230,7 @@ def build_int8_unet(
     lap("qdq")
 
     bar.stage("report")
-    int8_fn = onnxruntime_unet_fn(path)
+    int8_fn = onnxruntime_unet_fn(path, component)
     decoder = loader.wrapper(VAE_DECODER)
     scaling = float(ckpt.vae_config.get("scaling_factor", 0.18215))
 

@@ -62,8 +62,9 @@ def report_plan(
     return ReportPlan(prompts, None, seed + 1, steps, guidance)
 
 
-def onnxruntime_unet_fn(path: str | Path) -> UnetFn:
-    """An ONNX Runtime CPU session on the graph, as a NumPy UNet function."""
+def onnxruntime_unet_fn(path: str | Path, component: Any = None) -> UnetFn:
+    """An ONNX Runtime CPU session on the graph, as a NumPy UNet function; inputs beyond
+    sample / timestep / context (ControlNet residuals of ``component``) get zeros."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -74,7 +75,9 @@ def onnxruntime_unet_fn(path: str | Path) -> UnetFn:
     names = [i.name for i in session.get_inputs()]  # the UNet descriptor's, in its order
 
     def run(sample: np.ndarray, timestep: np.ndarray, hidden: np.ndarray) -> np.ndarray:
-        feeds = dict(zip(names, (sample, timestep, hidden), strict=True))
+        feeds = dict(zip(names[:3], (sample, timestep, hidden), strict=True))
+        if len(names) > 3:
+            feeds.update(zero_inputs(component, names[3:], sample.shape))
         return np.asarray(session.run(None, feeds)[0], dtype=np.float32)
 
     return run
@@ -167,3 +170,18 @@ def accuracy_report(
             "int8": judge.accuracy(images, plan.labels),
         }
     return report
+
+
+def zero_inputs(component: Any, names: list[str], sample_shape: tuple[int, ...]) -> dict:
+    """Zeros for the named inputs of ``component`` at the sample's batch and latent size."""
+    from trt_sd.models.unet_stages import resolve_axis
+
+    rows, _, height, width = sample_shape
+    sizes = {"unet_batch": rows, "latent_height": height, "latent_width": width}
+    return {
+        n: np.zeros(
+            [resolve_axis(d, sizes) if isinstance(d, str) else d for d in component.input(n).shape],
+            np.float32,
+        )
+        for n in names
+    }

@@ -76,7 +76,7 @@ def _sd(name: str, label: str, detect: Any) -> FamilySpec:
         diffusers_pipeline="StableDiffusionPipeline",
         detect=detect,
         passthrough=True,
-        features=frozenset({"int8", "split_unet", "deepcache"}),
+        features=frozenset({"int8", "split_unet", "deepcache", "controlnet"}),
     )
 
 

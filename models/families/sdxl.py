@@ -151,6 +151,6 @@ SDXL = FamilySpec(
     settings={"force_zeros_for_empty_prompt": True},
     options=OPTIONS,
     resolve_options=resolve_sdxl_options,
-    features=frozenset({"split_unet", "deepcache"}),
+    features=frozenset({"split_unet", "deepcache", "controlnet"}),
     latent_space="sdxl",
 )

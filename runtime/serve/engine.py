@@ -41,6 +41,7 @@ import numpy as np
 
 from trt_sd.models.descriptors import UNET, VAE_DECODER
 from trt_sd.models.errors import InputError, TrtSdError
+from trt_sd.runtime.controlnet import fill_size, resolve_control
 from trt_sd.runtime.denoise import Lane, split_rows
 from trt_sd.runtime.images import image_size, load_image
 from trt_sd.runtime.inpaint import InpaintInput, inpaint_strength
@@ -159,6 +160,10 @@ class BatchingEngine:
         emphasis: str = "original",
         mask: Any = None,
         mask_blur: float = 0.0,
+        control_image: Any = None,
+        controlnet_scale: Any = 1.0,
+        control_start: Any = 0.0,
+        control_end: Any = 1.0,
         **options: Any,
     ) -> Ticket:
         """Validate a request (the rules and messages of ``trt-sd run``: InputError) and queue
@@ -166,7 +171,10 @@ class BatchingEngine:
         ``image`` (PIL image or uint8 array) + ``strength``: img2img, as ``Pipeline.__call__``.
         ``emphasis``: how the prompt's ``(word:1.3)`` weight it, as ``Pipeline.__call__``;
         ``mask`` / ``mask_blur`` with ``image``: inpainting, as ``Pipeline.__call__``.
-        ``options``: the model family's own (as ``Pipeline.__call__`` takes them)."""
+        ``options``: the model family's own (as ``Pipeline.__call__`` takes them).
+        ``control_image`` / ``controlnet_scale`` / ``control_start`` / ``control_end``: as
+        ``Pipeline.__call__``; they travel with the request's rows (per-row scales)."""
+        height, width = fill_size(control_image, height, width)
         if image is not None and (height is None or width is None):
             size = image_size(image)
             width = size[0] if width is None and size else width
@@ -197,6 +205,9 @@ class BatchingEngine:
         now = time.monotonic()
         job = Job(req, stepper, Future(), now + self.timeout_s, now, next(self._seq))
         job.options = family_options
+        job.control = resolve_control(
+            self.pipe.controlnet, control_image, controlnet_scale, control_start, control_end, req
+        )
         if image is not None:
             job.init = load_image(image, req.width, req.height)
         if mask is not None:
@@ -349,7 +360,8 @@ class BatchingEngine:
             job.turn = self._turn
             x_in = np.asarray(job.stepper.scale_model_input(job.x, job.step), dtype=np.float32)
             t = job.stepper.timesteps[job.step]
-            lanes.append(Lane(x_in, t, job.req.cfg, job.embeddings or {}))
+            ctl = job.control.at(job.step, job.stepper.num_model_calls) if job.control else None
+            lanes.append(Lane(x_in, t, job.req.cfg, job.embeddings or {}, ctl))
         rows = sum(lane.rows for lane in lanes)
         try:
             outputs = self.pipe.engines[UNET].run(self._step.feeds(lanes))

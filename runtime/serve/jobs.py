@@ -63,6 +63,7 @@ class Job:
     cancelled: bool = False
     init: np.ndarray | None = None  # img2img: the init image (1, 3, H, W) in [-1, 1]
     inpaint: Any = None  # inpainting: its image and mask (trt_sd.runtime.inpaint.InpaintInput)
+    control: Any = None  # ControlNet images / scales (trt_sd.runtime.controlnet.RequestControl)
 
     @property
     def rows(self) -> int:
@@ -136,7 +137,8 @@ def start_latents(pipe: Any, job: Job, noise: np.ndarray) -> None:
 
 def job_params(pipe: Any, job: Job) -> dict[str, Any]:
     """What a finished job's result reports (and its PNG embeds)."""
-    params = pipe.result_params(job.req, job.options)
+    control = job.control.params() if job.control else {}
+    params = pipe.result_params(job.req, {**job.options, **control})
     return {**params, **(job.inpaint.params() if job.inpaint is not None else {})}
 
 
