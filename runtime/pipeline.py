@@ -19,13 +19,12 @@ import numpy as np
 
 from trt_sd.models.descriptors import (
     CONTEXT,
-    TEXT_ENCODER,
     UNET,
     VAE_DECODER,
     VAE_ENCODER,
     Component,
 )
-from trt_sd.models.errors import InputError, NumericalError
+from trt_sd.models.errors import InputError
 from trt_sd.models.families import PromptRows
 from trt_sd.models.integrity import verify_components
 from trt_sd.models.manifest import Manifest
@@ -37,8 +36,10 @@ from .chains import run_chains
 from .conditioning import TextConditioner, load_tokenizers
 from .deepcache import DeepCacheConfig, DeepCacheState, deepcache_components, resolve_deepcache
 from .denoise import DenoiseStep, Lane, check_latents, unet_overflow_hint
+from .finite import check_finite as _check_finite
 from .handoff import end_calls, prepare_handoff
 from .images import image_size, load_image, to_uint8
+from .lora import LoraSupport, apply_loras, lora_params
 from .multidevice import StagedUNet, place
 from .noise import posterior_sample, request_noise, sampler_noise_fn
 from .progress import ProgressArg, progress_reporter
@@ -65,23 +66,6 @@ class GenerationResult:
     #: the undecoded latents, with ``output_type="latent"`` (a refiner's ``image=``)
     latents: np.ndarray | None = None
     latent_space: str = ""  # the family's latent space (see FamilySpec.latent_space)
-
-
-def _check_finite(name: str, value: np.ndarray, detail: str = "", hint: str = "") -> None:
-    if np.isfinite(value).all():
-        return
-    hint = hint or {
-        VAE_DECODER: (
-            "; the fp16 SD VAE overflows on some latents: use the fp32 VAE "
-            "(re-export without --vae-fp16)"
-        ),
-        VAE_ENCODER: (
-            "; the fp16 SD VAE overflows on some images: use the fp32 VAE "
-            "(re-export without --vae-fp16)"
-        ),
-        TEXT_ENCODER: "; export the text encoder in fp32",
-    }.get(name, "; try an fp32 export")
-    raise NumericalError(f"{name} produced NaN or inf{detail}{hint}")
 
 
 def _samplers() -> Any:
@@ -123,6 +107,7 @@ class Pipeline:
         self.tokenizer = tokenizers[self.family.text_encoders[0].component]
         self.text = TextConditioner(self.family, manifest, self.components, tokenizers)
         self.denoise_step = DenoiseStep(self.components[UNET], manifest)
+        self.lora_support = LoraSupport(engine_dir, manifest)
         config = manifest.scheduler_config
         config["prediction_type"] = manifest.prediction_type  # the manifest is authoritative
         self.scheduler_config = config
@@ -193,6 +178,7 @@ class Pipeline:
         denoising_start: float | None = None,
         output_type: str = "image",
         emphasis: str = "original",
+        loras: Any = None,
         **options: Any,
     ) -> GenerationResult:
         """Generate ``batch`` images. Unset prompt, steps, guidance, height and width come from
@@ -213,9 +199,11 @@ class Pipeline:
 
         Base -> refiner hand-off (:mod:`trt_sd.runtime.handoff`): ``denoising_end`` with
         ``output_type="latent"`` on the base returns ``result.latents``; the refiner takes them
-        as ``image=`` with ``denoising_start``.
+        as ``image=`` with ``denoising_start``. ``loras``: ``[(path, scale), ...]`` applied
+        to this call only (:mod:`trt_sd.runtime.lora`); ``[]`` / None is the base model.
         """
         start = time.perf_counter()
+        self, lora_set = apply_loras(self, loras)
         if output_type not in ("image", "latent"):
             raise InputError(f"output_type must be 'image' or 'latent', got {output_type!r}")
         handed, image, height, width, strength = prepare_handoff(
@@ -287,6 +275,7 @@ class Pipeline:
                 params[key] = float(value)
         if cache is not None:
             params["deepcache"] = cache.summary()
+        params.update(lora_params(lora_set))
         latents_out = x if output_type == "latent" else None
         space = self.family.latent_space
         return GenerationResult(images, timings, calls, params, latents_out, space)
