@@ -31,6 +31,7 @@ from trt_sd.models.errors import InputError
 from trt_sd.models.lora import (
     LoraFile,
     LoraSpec,
+    Patch,
     WeightMap,
     bind,
     load_weight_map,
@@ -104,7 +105,7 @@ class LoraSupport:
         specs: tuple[LoraSpec, ...] = normalise_loras(loras)
         return LoraSet(tuple((self.read(s.path), s.scale) for s in specs))
 
-    def patches(self, lora_set: LoraSet) -> dict[str, dict[str, np.ndarray]]:
+    def patches(self, lora_set: LoraSet) -> dict[str, dict[str, Patch]]:
         """{component: {initializer: patched weight}}; every file is bound (checked against
         the model) before anything is computed, so a bad file fails the call cleanly."""
         maps = self.maps()
@@ -115,7 +116,7 @@ class LoraSupport:
                 "`trt-sd export --lora`"
             )
         bound = [(scale, bind(lora, maps)) for lora, scale in lora_set.files]
-        out: dict[str, dict[str, np.ndarray]] = {}
+        out: dict[str, dict[str, Patch]] = {}
         for component, wmap in maps.items():
             layers = [(scale, b[component]) for scale, b in bound if component in b]
             if layers:
@@ -132,7 +133,7 @@ def apply_loras(pipe: Any, loras: Any) -> tuple[Any, LoraSet]:
         return pipe, lora_set
     cache: dict[str, Any] = {}
 
-    def patches_for(component: str) -> dict[str, np.ndarray]:
+    def patches_for(component: str) -> dict[str, Patch]:
         if "all" not in cache:
             cache["all"] = support.patches(lora_set)
         return cache["all"].get(component, {})

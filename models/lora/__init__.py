@@ -9,6 +9,7 @@ from .formats import LoraFile, LoraLayer, read_lora
 from .spec import LoraSpec, normalise_loras, parse_lora_arg
 from .weights import (
     MAP_VERSION,
+    Patch,
     WeightMap,
     WeightRef,
     bind,
@@ -22,6 +23,7 @@ __all__ = [
     "LoraFile",
     "LoraLayer",
     "LoraSpec",
+    "Patch",
     "WeightMap",
     "WeightRef",
     "bind",

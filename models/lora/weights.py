@@ -15,6 +15,7 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ import numpy as np
 from ..errors import InputError, ManifestError
 from .formats import LoraFile, LoraLayer
 
-__all__ = ["MAP_VERSION", "WeightMap", "WeightRef", "bind", "layer_delta", "load_weight_map"]
+__all__ = ["MAP_VERSION", "Patch", "WeightMap", "WeightRef", "bind", "layer_delta", "load_weight_map"]
 
 MAP_VERSION = 1
 _DTYPES = ("float32", "float16")
@@ -137,6 +138,18 @@ def layer_delta(layer: LoraLayer, shape: tuple[int, ...]) -> np.ndarray:
     return np.asarray(delta, np.float32).reshape(shape) * np.float32(layer.scale)
 
 
+def _lookup(wmap: WeightMap, flat_index: dict[str, str], key: str, flat: bool) -> str | None:
+    """The module path ``key`` names. CLIP's modules sit under ``text_model.`` in some
+    transformers versions and not in others, and files name them either way: both are tried."""
+    prefix = "text_model_" if flat else "text_model."
+    other = key[len(prefix) :] if key.startswith(prefix) else prefix + key
+    for candidate in (key, other):
+        path = flat_index.get(candidate) if flat else candidate
+        if path is not None and path in wmap.weights:
+            return path
+    return None
+
+
 def bind(lora: LoraFile, maps: dict[str, WeightMap]) -> dict[str, list[tuple[str, LoraLayer]]]:
     """Match every layer of ``lora`` to a weight of the model: {component: [(module path,
     layer)]}. InputError naming the file when a layer targets a component or module this
@@ -152,8 +165,8 @@ def bind(lora: LoraFile, maps: dict[str, WeightMap]) -> dict[str, list[tuple[str
                 f"{', '.join(sorted(maps)) or 'none'}); a LoRA for another model family?"
             )
         wmap = maps[layer.component]
-        path = indexes[layer.component].get(layer.key) if layer.flat else layer.key
-        if path is None or path not in wmap.weights:
+        path = _lookup(wmap, indexes[layer.component], layer.key, layer.flat)
+        if path is None:
             missing.append(layer.label)
             continue
         shape = wmap.weights[path].module_shape
@@ -176,9 +189,16 @@ def bind(lora: LoraFile, maps: dict[str, WeightMap]) -> dict[str, list[tuple[str
     return out
 
 
+class Patch(NamedTuple):
+    """A patched weight: where it lives in the engine, and its new value (engine layout)."""
+
+    ref: WeightRef
+    value: np.ndarray
+
+
 def patched_weights(
     wmap: WeightMap, bound: Sequence[tuple[float, list[tuple[str, LoraLayer]]]]
-) -> dict[str, np.ndarray]:
+) -> dict[str, Patch]:
     """{initializer name: base + sum(scale * delta)} in the engine's layout and dtype for the
     modules the LoRAs in ``bound`` ((user scale, bound layers) per LoRA) touch."""
     sums: dict[str, np.ndarray] = {}
@@ -187,10 +207,10 @@ def patched_weights(
             ref = wmap.weights[path]
             delta = layer_delta(layer, ref.module_shape) * np.float32(scale)
             sums[path] = delta if path not in sums else sums[path] + delta
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, Patch] = {}
     for path, delta in sums.items():
         ref = wmap.weights[path]
         engine_delta = delta.T if ref.transposed else delta
         value = np.asarray(wmap.base(path), np.float32) + engine_delta
-        out[ref.initializer] = np.ascontiguousarray(value.astype(ref.dtype))
+        out[ref.initializer] = Patch(ref, np.ascontiguousarray(value.astype(ref.dtype)))
     return out

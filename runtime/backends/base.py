@@ -22,6 +22,7 @@ import numpy as np
 
 from trt_sd.models.descriptors import Component
 from trt_sd.models.errors import InputError, ManifestError
+from trt_sd.models.lora import Patch
 from trt_sd.models.manifest import ComponentEntry
 
 
@@ -109,10 +110,11 @@ class EngineBackend(ABC):
         return np.asarray(value)
 
     def with_weights(
-        self, key: Hashable, patches: Callable[[], dict[str, np.ndarray]]
+        self, key: Hashable, patches: Callable[[], dict[str, Patch]]
     ) -> EngineBackend:
         """This engine with some weights replaced (run-time LoRA, :mod:`trt_sd.runtime.lora`):
-        ``patches()`` gives {ONNX initializer name: value}, computed from the base weights;
+        ``patches()`` gives {ONNX initializer name: (where it lives, new value)}, computed from
+        the base weights;
         ``key`` identifies the set, so a backend may cache what it built for it. Backends
         that cannot patch weights refuse in one line."""
         raise InputError(

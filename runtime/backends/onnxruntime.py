@@ -33,6 +33,7 @@ import numpy as np
 
 from trt_sd.models.descriptors import Component
 from trt_sd.models.errors import BackendUnavailableError, InputError, ManifestError
+from trt_sd.models.lora import Patch
 from trt_sd.models.manifest import ComponentEntry
 
 from . import ort_cache
@@ -216,7 +217,7 @@ class OnnxRuntimeBackend(EngineBackend):
         }
 
     def with_weights(
-        self, key: Hashable, patches: Callable[[], dict[str, np.ndarray]]
+        self, key: Hashable, patches: Callable[[], dict[str, Patch]]
     ) -> EngineBackend:
         """A session with patched initializers, from a small LRU (:mod:`.ort_lora`)."""
         return patched_view(self, self.path, self.providers, key, patches)  # type: ignore[no-any-return]

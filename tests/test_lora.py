@@ -1,0 +1,89 @@
+"""Run-time LoRA against diffusers' ``load_lora_weights`` + ``set_adapters``.
+
+Tiny SD 1.x pipeline (fp32 ONNX Runtime engines), LoRA files in both formats found in the wild
+(diffusers / PEFT written by diffusers itself, kohya / AUTOMATIC1111 written by
+tests/lora_files.py), adapting the UNet (attention, feed-forward, 1x1 ``proj_in`` and 3x3
+resnet convolutions) and the text encoder; same latents, same scale on both sides. Then the
+switching guarantees (A -> B -> A -> [] exact) and the one-line refusals of bad files.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from lora_files import KOHYA_SD, make_peft_lora, to_kohya
+from runtime_engines import SIZE, tiny_engines, tiny_model
+
+from trt_sd.models.errors import InputError
+from trt_sd.runtime import Pipeline
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+PROMPT = "a photo of an astronaut riding a horse on the moon"
+NEGATIVE = "painting"
+STEPS = 6
+GUIDANCE = 7.5
+ALPHA = 8.0  # rank 4: scale alpha / rank = 2
+
+
+def _reference():
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+        str(tiny_model()), safety_checker=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loras")
+    a = make_peft_lora(_reference(), root / "a", seed=1, alpha=ALPHA)
+    b = make_peft_lora(_reference(), root / "b", seed=2, alpha=ALPHA)
+    kohya = to_kohya(a, root / "a_kohya.safetensors", alpha=ALPHA, prefixes=KOHYA_SD)
+    return {"peft": a, "peft_b": b, "kohya": kohya}
+
+
+@pytest.fixture(scope="module")
+def pipe() -> Pipeline:
+    return Pipeline.load(tiny_engines(), backend="onnxruntime-cpu")
+
+
+def _latents(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((1, 4, SIZE // 2, SIZE // 2), np.float32)
+
+
+def _ours(pipe, loras, latents) -> np.ndarray:
+    out = pipe(
+        PROMPT, NEGATIVE, sampler="euler", steps=STEPS, guidance=GUIDANCE, latents=latents,
+        loras=loras,
+    )
+    return out.images[0]
+
+
+def _theirs(file, scale: float, latents) -> np.ndarray:
+    pipe = _reference()
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name="x")
+    pipe.set_adapters(["x"], adapter_weights=[scale])
+    with torch.no_grad():
+        out = pipe(
+            PROMPT, negative_prompt=NEGATIVE, height=SIZE, width=SIZE, num_inference_steps=STEPS,
+            guidance_scale=GUIDANCE, latents=torch.from_numpy(latents), output_type="np",
+        )
+    return (out.images[0] * 255).round().astype(np.uint8)
+
+
+def _diff(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+@pytest.mark.parametrize(("fmt", "scale"), [("peft", 1.0), ("peft", 0.5), ("kohya", 0.7)])
+def test_matches_diffusers(pipe, files, fmt: str, scale: float) -> None:
+    latents = _latents()
+    ours = _ours(pipe, [(files[fmt], scale)], latents)
+    theirs = _theirs(files[fmt], scale, latents)
+    base = _ours(pipe, [], latents)
+    assert _diff(ours, base) > 8, "the LoRA must visibly change the image"
+    assert _diff(ours, theirs) <= 2, f"max diff {_diff(ours, theirs)} against diffusers"
