@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from trt_sd.models.errors import InputError
 from trt_sd.models.lora import (
     LoraFile,

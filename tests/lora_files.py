@@ -45,8 +45,8 @@ def make_peft_lora(
 
 def to_kohya(peft_file: Path, target: Path, *, alpha: float, prefixes: dict[str, str]) -> Path:
     """The same layers under kohya names: ``lora_unet_<path with _>.lora_down.weight`` etc."""
-    from safetensors.torch import load_file, save_file
     import torch
+    from safetensors.torch import load_file, save_file
 
     out = {}
     for key, value in load_file(peft_file).items():

@@ -14,7 +14,6 @@ import pytest
 from lora_files import KOHYA_SD, make_peft_lora, to_kohya
 from runtime_engines import SIZE, tiny_engines, tiny_model
 
-from trt_sd.models.errors import InputError
 from trt_sd.runtime import Pipeline
 
 torch = pytest.importorskip("torch")
@@ -56,7 +55,12 @@ def _latents(seed: int = 0) -> np.ndarray:
 
 def _ours(pipe, loras, latents) -> np.ndarray:
     out = pipe(
-        PROMPT, NEGATIVE, sampler="euler", steps=STEPS, guidance=GUIDANCE, latents=latents,
+        PROMPT,
+        NEGATIVE,
+        sampler="euler",
+        steps=STEPS,
+        guidance=GUIDANCE,
+        latents=latents,
         loras=loras,
     )
     return out.images[0]
@@ -69,8 +73,14 @@ def _theirs(file, scale: float, latents) -> np.ndarray:
     pipe.set_adapters(["x"], adapter_weights=[scale])
     with torch.no_grad():
         out = pipe(
-            PROMPT, negative_prompt=NEGATIVE, height=SIZE, width=SIZE, num_inference_steps=STEPS,
-            guidance_scale=GUIDANCE, latents=torch.from_numpy(latents), output_type="np",
+            PROMPT,
+            negative_prompt=NEGATIVE,
+            height=SIZE,
+            width=SIZE,
+            num_inference_steps=STEPS,
+            guidance_scale=GUIDANCE,
+            latents=torch.from_numpy(latents),
+            output_type="np",
         )
     return (out.images[0] * 255).round().astype(np.uint8)
 
@@ -87,3 +97,32 @@ def test_matches_diffusers(pipe, files, fmt: str, scale: float) -> None:
     base = _ours(pipe, [], latents)
     assert _diff(ours, base) > 8, "the LoRA must visibly change the image"
     assert _diff(ours, theirs) <= 2, f"max diff {_diff(ours, theirs)} against diffusers"
+
+
+def test_switching_is_exact_and_cached(files, monkeypatch) -> None:
+    """A -> B -> A -> [] gives exactly A and exactly the base: every set is computed from the
+    base weights; the second A is served by the LRU (no new session)."""
+    monkeypatch.setenv("TRT_SD_LORA_SESSIONS", "2")
+    pipe = Pipeline.load(tiny_engines(), backend="onnxruntime-cpu")
+    latents = _latents(3)
+    base = _ours(pipe, [], latents)
+    a1 = _ours(pipe, [(files["peft"], 0.8)], latents)
+    b = _ours(pipe, [(files["peft_b"], 0.8)], latents)
+    a2 = _ours(pipe, [(files["peft"], 0.8)], latents)
+    again = _ours(pipe, [], latents)
+    assert np.array_equal(a1, a2) and np.array_equal(base, again)
+    assert _diff(a1, b) > 8 and _diff(a1, base) > 8
+    assert pipe.engines["unet"].lora_sessions.created == 2
+    both = _ours(pipe, [(files["peft"], 0.8), (files["peft_b"], 0.8)], latents)
+    assert _diff(both, a1) > 8 and _diff(both, b) > 8
+    assert np.array_equal(_ours(pipe, [(files["peft"], 0.0)], latents), base)
+
+
+def test_params_and_infotext_record_the_loras(pipe, files) -> None:
+    from trt_sd.runtime.infotext import format_infotext
+
+    out = pipe(PROMPT, steps=2, seed=1, loras=[(files["kohya"], 0.5)])
+    lora = out.params["loras"][0]
+    assert lora["name"] == "a_kohya" and lora["scale"] == 0.5 and len(lora["hash"]) == 12
+    assert f'Lora hashes: "a_kohya: {lora["hash"]}"' in format_infotext(out.params)
+    assert "loras" not in pipe(PROMPT, steps=2, seed=1).params

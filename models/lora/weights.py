@@ -15,15 +15,23 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from ..errors import InputError, ManifestError
 from .formats import LoraFile, LoraLayer
 
-__all__ = ["MAP_VERSION", "Patch", "WeightMap", "WeightRef", "bind", "layer_delta", "load_weight_map"]
+__all__ = [
+    "MAP_VERSION",
+    "Patch",
+    "WeightMap",
+    "WeightRef",
+    "bind",
+    "layer_delta",
+    "load_weight_map",
+]
 
 MAP_VERSION = 1
 _DTYPES = ("float32", "float16")

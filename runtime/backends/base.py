@@ -109,9 +109,7 @@ class EngineBackend(ABC):
         """A device tensor returned by :meth:`run` as a NumPy array."""
         return np.asarray(value)
 
-    def with_weights(
-        self, key: Hashable, patches: Callable[[], dict[str, Patch]]
-    ) -> EngineBackend:
+    def with_weights(self, key: Hashable, patches: Callable[[], dict[str, Patch]]) -> EngineBackend:
         """This engine with some weights replaced (run-time LoRA, :mod:`trt_sd.runtime.lora`):
         ``patches()`` gives {ONNX initializer name: (where it lives, new value)}, computed from
         the base weights;

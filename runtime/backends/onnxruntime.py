@@ -216,9 +216,7 @@ class OnnxRuntimeBackend(EngineBackend):
             for name, value in zip(self._output_names, outputs, strict=True)
         }
 
-    def with_weights(
-        self, key: Hashable, patches: Callable[[], dict[str, Patch]]
-    ) -> EngineBackend:
+    def with_weights(self, key: Hashable, patches: Callable[[], dict[str, Patch]]) -> EngineBackend:
         """A session with patched initializers, from a small LRU (:mod:`.ort_lora`)."""
         return patched_view(self, self.path, self.providers, key, patches)  # type: ignore[no-any-return]
 
