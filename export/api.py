@@ -25,6 +25,7 @@ from . import engine_dir
 from .build_context import BuildContext
 from .checkpoint import TOKENIZER_FILES, Checkpoint, locate, sha256_file
 from .component_build import build_component
+from .lora_fuse import lora_key, read_export_loras
 from .options import DEFAULT_PROMPT_CHUNKS, ExportOptions, resolve_options
 from .partition import build_unet_sections, resolve_unet_cut
 
@@ -83,6 +84,7 @@ def export_model(
     split_unet: int | None = None,
     deepcache: int | None = None,
     prompt_chunks: int = DEFAULT_PROMPT_CHUNKS,
+    loras: Any = (),
 ) -> Manifest:
     """Export ``model`` (diffusers folder, single ``.safetensors``, or ``None`` for the bundled
     default) to ``out_dir`` (default: :func:`trt_sd.models.default_engine_dir`).
@@ -104,10 +106,13 @@ def export_model(
     the DeepCache feature output at skip branch ``B`` (0 = shallowest) to the UNet and a shallow
     UNet (see :mod:`trt_sd.export.partition`). ``prompt_chunks=N``: the UNet takes contexts of
     1..N prompt chunks (77..77*N tokens; long prompts, :mod:`trt_sd.runtime.prompt_chunks`);
-    static TensorRT shapes pin it to one chunk. Raises ``InputError`` for bad
-    arguments, ``NumericalError`` (naming the component) when a graph fails verification.
+    static TensorRT shapes pin it to one chunk. ``loras``: ``[(path, scale), ...]`` or
+    ``"PATH[:SCALE]"`` strings fused into the weights (:mod:`trt_sd.export.lora_fuse`).
+    Raises ``InputError`` for bad arguments, ``NumericalError`` (naming the component) when a
+    graph fails verification.
     """
     ckpt = locate(model, config=config, allow_pickle=allow_pickle)
+    fused_loras = read_export_loras(loras)
     opts = resolve_options(
         precision=precision,
         backend=backend,
@@ -148,6 +153,7 @@ def export_model(
             tools=tool_versions(),
             previous=engine_dir.previous_manifest(out),
             int8=int8_recipe,
+            loras=fused_loras,
         )
         _run(ctx, unet_cut)
         engine_dir.publish(build, out)
@@ -228,6 +234,10 @@ def _manifest(
             "opset": ctx.opts.opset,
             "shape_range": ctx.shapes.to_dict(),
             "reused": reused,
+            "loras": [
+                {"name": name, "sha256": sha, "scale": scale}
+                for name, sha, scale in lora_key(ctx.loras)
+            ],
             "seconds": round(seconds, 2),
         },
     }

@@ -29,11 +29,11 @@ from torch import nn
 
 from trt_sd.models.lora import MAP_VERSION, WeightRef
 
-__all__ = ["MAP_SUFFIX", "lora_fingerprints", "write_lora_map"]
+from .lora_fuse import LORA_COMPONENTS
+
+__all__ = ["LORA_COMPONENTS", "MAP_SUFFIX", "lora_fingerprints", "write_lora_map"]
 
 MAP_SUFFIX = ".lora.json"
-#: components whose weights LoRA files adapt
-LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 Fingerprints = dict[bytes, list[tuple[str, bool]]]
 

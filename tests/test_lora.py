@@ -126,3 +126,27 @@ def test_params_and_infotext_record_the_loras(pipe, files) -> None:
     assert lora["name"] == "a_kohya" and lora["scale"] == 0.5 and len(lora["hash"]) == 12
     assert f'Lora hashes: "a_kohya: {lora["hash"]}"' in format_infotext(out.params)
     assert "loras" not in pipe(PROMPT, steps=2, seed=1).params
+
+
+def test_fused_at_export_equals_run_time(pipe, files, tmp_path) -> None:
+    """``export --lora`` fuses the same deltas into the torch weights: its engines give the
+    run-time LoRA's image, and the manifest names the file, its sha256 and scale."""
+    from trt_sd.export import export_model
+
+    out = tmp_path / "fused"
+    manifest = export_model(
+        tiny_model(),
+        out,
+        height="16",
+        width="16",
+        batch="1",
+        progress=False,
+        loras=[f"{files['kohya']}:0.7"],
+    )
+    recorded = manifest.raw["export"]["loras"]
+    assert [(x["name"], x["scale"]) for x in recorded] == [("a_kohya", 0.7)]
+    latents = _latents(5)
+    fused = _ours(Pipeline.load(out, backend="onnxruntime-cpu"), [], latents)
+    run_time = _ours(pipe, [(files["kohya"], 0.7)], latents)
+    assert _diff(fused, run_time) <= 1, _diff(fused, run_time)
+    assert _diff(fused, _ours(pipe, [], latents)) > 8

@@ -43,6 +43,7 @@ from trt_sd.models.descriptors import UNET, VAE_DECODER
 from trt_sd.models.errors import InputError, TrtSdError
 from trt_sd.runtime.denoise import Lane, split_rows
 from trt_sd.runtime.images import image_size, load_image
+from trt_sd.runtime.lora import apply_loras, lora_params
 from trt_sd.runtime.noise import initial_noise
 from trt_sd.runtime.pipeline import Pipeline, resolve_sampler
 from trt_sd.runtime.request import DEFAULT_SAMPLER, build_request
@@ -56,11 +57,13 @@ from .jobs import (
     Job,
     QueueFullError,
     RequestTimeoutError,
+    Ticket,
     check_limits,
     chunks,
     fail_job,
     timeout_message,
 )
+from .lora_requests import lora_dir, request_loras
 
 __all__ = [
     "DEFAULT_MAX_QUEUE",
@@ -75,20 +78,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-class Ticket:
-    """Handle of a submitted request: its future, and a way to give it up."""
-
-    def __init__(self, job: Job, engine: BatchingEngine) -> None:
-        self._job = job
-        self._engine = engine
-        self.future = job.future
-        self.seed = job.req.seed
-
-    def cancel(self) -> None:
-        """Drop the request (the caller went away); its rows leave the next UNet call."""
-        self._engine._cancel(self._job)
 
 
 class BatchingEngine:
@@ -154,13 +143,18 @@ class BatchingEngine:
         image: Any = None,
         strength: float | None = None,
         emphasis: str = "original",
+        loras: Any = None,
         **options: Any,
     ) -> Ticket:
         """Validate a request (the rules and messages of ``trt-sd run``: InputError) and queue
         it; QueueFullError when the queue is full, EngineStoppedError after :meth:`close`.
         ``image`` (PIL image or uint8 array) + ``strength``: img2img, as ``Pipeline.__call__``.
         ``emphasis``: how the prompt's ``(word:1.3)`` weight it, as ``Pipeline.__call__``.
-        ``options``: the model family's own (as ``Pipeline.__call__`` takes them)."""
+        ``options``: the model family's own (as ``Pipeline.__call__`` takes them).
+        ``loras`` / ``<lora:name:w>`` in the prompt: LoRAs from the server's folder
+        (:mod:`.lora_requests`); requests with different sets never share a UNet call."""
+        prompt, lora_specs = request_loras(prompt, loras, lora_dir())
+        view, lora_set = apply_loras(self.pipe, lora_specs)  # bad files: InputError, nothing queued
         if image is not None and (height is None or width is None):
             size = image_size(image)
             width = size[0] if width is None and size else width
@@ -190,6 +184,7 @@ class BatchingEngine:
         now = time.monotonic()
         job = Job(req, stepper, Future(), now + self.timeout_s, now, next(self._seq))
         job.options = family_options
+        job.pipe, job.lora_key, job.lora_params = view, lora_set.key, lora_params(lora_set)
         if image is not None:
             job.init = load_image(image, req.width, req.height)
         with self._cond:
@@ -281,16 +276,16 @@ class BatchingEngine:
     def _start(self, jobs: list[Job]) -> None:
         """Text-encode new requests (rows of one emphasis mode and context length together)
         and draw their initial latents."""
-        groups: dict[tuple[str, int], list[Job]] = {}
+        groups: dict[tuple, list[Job]] = {}
         for job in jobs:
             emphasis = job.req.emphasis
             try:
-                key = (emphasis, self.pipe.text.sequence_length(job.prompt_rows().texts, emphasis))
+                length = self.pipe.text.sequence_length(job.prompt_rows().texts, emphasis)
             except Exception as e:
                 self._failed(job, e)
                 continue
-            groups.setdefault(key, []).append(job)
-        for (emphasis, _), group in groups.items():
+            groups.setdefault((emphasis, length, job.lora_key), []).append(job)
+        for (emphasis, *_), group in groups.items():
             self._encode(group, emphasis)
 
     def _encode(self, jobs: list[Job], emphasis: str) -> None:
@@ -300,7 +295,7 @@ class BatchingEngine:
         for chunk in chunks(jobs, lambda j: j.rows, rows_limit, len(jobs)):
             rows = [j.prompt_rows() for j in chunk]
             try:
-                conditioning = self.pipe.encode_conditioning(
+                conditioning = chunk[0].pipe.encode_conditioning(
                     sum(rows[1:], rows[0]), emphasis=emphasis
                 )
             except Exception as e:
@@ -348,7 +343,7 @@ class BatchingEngine:
             lanes.append(Lane(x_in, t, job.req.cfg, job.embeddings or {}))
         rows = sum(lane.rows for lane in lanes)
         try:
-            outputs = self.pipe.engines[UNET].run(self._step.feeds(lanes))
+            outputs = batch[0].pipe.engines[UNET].run(self._step.feeds(lanes))
             out = np.asarray(outputs[self._step.output_name], dtype=np.float32)
         except Exception as e:
             for job in batch:
@@ -400,7 +395,7 @@ class BatchingEngine:
                 for job, image in zip(chunk, images, strict=True):
                     result = Generated(
                         image,
-                        self.pipe.result_params(job.req, job.options),
+                        {**self.pipe.result_params(job.req, job.options), **job.lora_params},
                         job.stepper.num_model_calls,
                         time.monotonic() - job.submitted,
                     )

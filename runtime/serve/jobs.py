@@ -62,6 +62,10 @@ class Job:
     turn: int = 0  # scheduler turn of its last UNet call (fairness across sizes)
     cancelled: bool = False
     init: np.ndarray | None = None  # img2img: the init image (1, 3, H, W) in [-1, 1]
+    #: the pipeline (engine views) of its LoRA set, the set's identity and reported params
+    pipe: Any = None
+    lora_key: tuple = ()
+    lora_params: dict[str, Any] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -83,10 +87,24 @@ class Job:
         )
 
     @property
-    def unet_key(self) -> tuple[tuple[int, int], int]:
-        """What must match for rows to share a UNet call: image size and context length
-        (long prompts make 154, 231, ... tokens; after text encoding)."""
-        return self.size, int(np.shape((self.embeddings or {})[CONTEXT])[1])
+    def unet_key(self) -> tuple[tuple[int, int], int, tuple]:
+        """What must match for rows to share a UNet call: image size, context length (long
+        prompts make 154, 231, ... tokens; after text encoding) and LoRA set."""
+        return self.size, int(np.shape((self.embeddings or {})[CONTEXT])[1]), self.lora_key
+
+
+class Ticket:
+    """Handle of a submitted request: its future, and a way to give it up."""
+
+    def __init__(self, job: Job, engine: Any) -> None:
+        self._job = job
+        self._engine = engine
+        self.future = job.future
+        self.seed = job.req.seed
+
+    def cancel(self) -> None:
+        """Drop the request (the caller went away); its rows leave the next UNet call."""
+        self._engine._cancel(self._job)
 
 
 @dataclass

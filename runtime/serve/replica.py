@@ -52,6 +52,7 @@ FIELDS = (
     "image",  # img2img: the init image, base64 (PNG / JPEG / WebP), a data: URL allowed
     "strength",
     "emphasis",  # how (word:1.3) weights the prompt: original, no_norm, ignore, none
+    "loras",  # [{"name": ..., "scale": ...}] from --lora-dir (also <lora:name:w> in prompts)
 )
 _STRING_FIELDS = ("prompt", "negative_prompt", "sampler", "emphasis")
 SEED_HEADER = "X-Seed"
