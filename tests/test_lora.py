@@ -66,13 +66,22 @@ def _ours(pipe, loras, latents) -> np.ndarray:
     return out.images[0]
 
 
-def _theirs(file, scale: float, latents) -> np.ndarray:
+@pytest.fixture(scope="module")
+def reference(files):
+    """diffusers with both files loaded as adapters (``set_adapters`` picks one per test)."""
     pipe = _reference()
     pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name="x")
-    pipe.set_adapters(["x"], adapter_weights=[scale])
+    for name in ("peft", "kohya"):
+        pipe.load_lora_weights(
+            str(files[name].parent), weight_name=files[name].name, adapter_name=name
+        )
+    return pipe
+
+
+def _theirs(reference, adapter: str, scale: float, latents) -> np.ndarray:
+    reference.set_adapters([adapter], adapter_weights=[scale])
     with torch.no_grad():
-        out = pipe(
+        out = reference(
             PROMPT,
             negative_prompt=NEGATIVE,
             height=SIZE,
@@ -90,10 +99,10 @@ def _diff(a: np.ndarray, b: np.ndarray) -> int:
 
 
 @pytest.mark.parametrize(("fmt", "scale"), [("peft", 1.0), ("peft", 0.5), ("kohya", 0.7)])
-def test_matches_diffusers(pipe, files, fmt: str, scale: float) -> None:
+def test_matches_diffusers(pipe, files, reference, fmt: str, scale: float) -> None:
     latents = _latents()
     ours = _ours(pipe, [(files[fmt], scale)], latents)
-    theirs = _theirs(files[fmt], scale, latents)
+    theirs = _theirs(reference, fmt, scale, latents)
     base = _ours(pipe, [], latents)
     assert _diff(ours, base) > 8, "the LoRA must visibly change the image"
     assert _diff(ours, theirs) <= 2, f"max diff {_diff(ours, theirs)} against diffusers"
