@@ -165,10 +165,15 @@ def write_lora_map(fingerprints: Fingerprints, path: Path, component: str) -> di
         for module, refs in sorted(found.items())
         if len(refs) == 1 and owners[refs[0].initializer] == 1
     }
+    # Modules of the torch model with no weight in the graph: the exporter pruned them because
+    # no output depends on them (SDXL's first text encoder ends at its penultimate layer). A
+    # LoRA layer on one changes nothing, so the runtime skips it, as diffusers' result shows.
+    # Found more than once (ambiguous) is not absent: patching those is refused.
+    everything = {p for owners_ in fingerprints.values() for p, _ in owners_}
+    absent = sorted(everything - set(found))
     target = path.with_name(path.stem + MAP_SUFFIX)
-    target.write_text(
-        json.dumps({"version": MAP_VERSION, "component": component, "weights": weights}), "utf-8"
-    )
+    data = {"version": MAP_VERSION, "component": component, "weights": weights, "absent": absent}
+    target.write_text(json.dumps(data), "utf-8")
     return {
         "lora_map": {"file": target.name, "sha256": sha256_file(target)},
         "lora_modules": len(weights),

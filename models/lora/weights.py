@@ -73,10 +73,12 @@ class WeightMap:
     component: str
     engine_dir: Path
     weights: dict[str, WeightRef]
+    #: modules of the model with no weight in the graph (pruned: no output depends on them)
+    absent: frozenset[str] = frozenset()
 
     def flat_index(self) -> dict[str, str]:
         """kohya's ``_``-joined module name -> module path."""
-        return {path.replace(".", "_"): path for path in self.weights}
+        return {path.replace(".", "_"): path for path in (*self.weights, *self.absent)}
 
     def base(self, path: str) -> np.ndarray:
         """The base weight of module ``path`` in the engine's layout (a read-only memory map)."""
@@ -129,7 +131,10 @@ def load_weight_map(engine_dir: Path, file: str, component: str) -> WeightMap:
         ):
             raise ManifestError(f"{where}: entry for {path!r} does not fit its file")
         weights[str(path)] = ref
-    return WeightMap(component, engine_dir, weights)
+    absent = data.get("absent") or []
+    if not isinstance(absent, list) or not all(isinstance(a, str) for a in absent):
+        raise ManifestError(f"{where}: 'absent' must be a list of module paths")
+    return WeightMap(component, engine_dir, weights, frozenset(absent))
 
 
 def layer_delta(layer: LoraLayer, shape: tuple[int, ...]) -> np.ndarray:
@@ -146,15 +151,19 @@ def layer_delta(layer: LoraLayer, shape: tuple[int, ...]) -> np.ndarray:
     return np.asarray(delta, np.float32).reshape(shape) * np.float32(layer.scale)
 
 
-def _lookup(wmap: WeightMap, flat_index: dict[str, str], key: str, flat: bool) -> str | None:
-    """The module path ``key`` names. CLIP's modules sit under ``text_model.`` in some
-    transformers versions and not in others, and files name them either way: both are tried."""
+def _lookup(wmap: WeightMap, flat_index: dict[str, str], key: str, flat: bool) -> str | bool | None:
+    """The module path ``key`` names; False for a module the graph pruned (the layer has no
+    effect); None if the model has no such module. CLIP's modules sit under ``text_model.``
+    in some transformers versions and not in others, and files name them either way: both
+    are tried."""
     prefix = "text_model_" if flat else "text_model."
     other = key[len(prefix) :] if key.startswith(prefix) else prefix + key
     for candidate in (key, other):
         path = flat_index.get(candidate) if flat else candidate
         if path is not None and path in wmap.weights:
             return path
+        if path is not None and path in wmap.absent:
+            return False
     return None
 
 
@@ -174,7 +183,9 @@ def bind(lora: LoraFile, maps: dict[str, WeightMap]) -> dict[str, list[tuple[str
             )
         wmap = maps[layer.component]
         path = _lookup(wmap, indexes[layer.component], layer.key, layer.flat)
-        if path is None:
+        if path is False:
+            continue  # pruned from the graph: no output depends on it
+        if not isinstance(path, str):
             missing.append(layer.label)
             continue
         shape = wmap.weights[path].module_shape
