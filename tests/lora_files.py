@@ -43,8 +43,38 @@ def make_peft_lora(
     return folder / "lora.safetensors"
 
 
-def to_kohya(peft_file: Path, target: Path, *, alpha: float, prefixes: dict[str, str]) -> Path:
-    """The same layers under kohya names: ``lora_unet_<path with _>.lora_down.weight`` etc."""
+def sgm_name(path: str, per_down: int = 2) -> str:
+    """A diffusers UNet module path under the original SGM names sd-scripts gives SDXL
+    (``down_blocks.1.attentions.0...`` -> ``input_blocks.4.1...``), written from Stability's
+    UNet layout independently of trt_sd.models.lora.sgm_names."""
+    parts = path.split(".")
+    resnet = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1"}
+    if parts[0] == "mid_block":
+        if parts[1] == "attentions":
+            return ".".join(["middle_block", "1", *parts[3:]])
+        return ".".join(["middle_block", str(2 * int(parts[2])), resnet[parts[3]]])
+    if parts[0] not in ("down_blocks", "up_blocks"):
+        raise KeyError(path)
+    i, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+    if parts[0] == "down_blocks":
+        block = f"input_blocks.{i * (per_down + 1) + j + 1}"
+    else:
+        block = f"output_blocks.{i * (per_down + 1) + j}"
+    inner = [resnet[rest[0]]] if kind == "resnets" else rest
+    return ".".join([block, "0" if kind == "resnets" else "1", *inner])
+
+
+def to_kohya(
+    peft_file: Path,
+    target: Path,
+    *,
+    alpha: float,
+    prefixes: dict[str, str],
+    sgm: int = 0,
+) -> Path:
+    """The same layers under kohya names: ``lora_unet_<path with _>.lora_down.weight`` etc.
+    (``sgm``: resnets per down block; the UNet under SDXL's original block names then, as
+    sd-scripts writes SDXL files)."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -52,6 +82,8 @@ def to_kohya(peft_file: Path, target: Path, *, alpha: float, prefixes: dict[str,
     for key, value in load_file(peft_file).items():
         component, rest = key.split(".", 1)
         module, part = rest.rsplit(".lora_", 1)
+        if component == "unet" and sgm:
+            module = sgm_name(module, sgm)
         if component.startswith("text_encoder") and not module.startswith("text_model."):
             module = "text_model." + module  # as sd-scripts names CLIP's modules
         flat = prefixes[component] + module.replace(".", "_")

@@ -26,11 +26,12 @@ def _reference():
     return pipe
 
 
-@pytest.mark.parametrize("fmt", ["peft", "kohya"])
+@pytest.mark.parametrize("fmt", ["peft", "kohya", "kohya_sgm"])
 def test_sdxl_lora_matches_diffusers(tmp_path, fmt: str) -> None:
     path = make_peft_lora(_reference(), tmp_path / "peft", seed=3, alpha=4.0, sdxl=True)
-    if fmt == "kohya":
-        path = to_kohya(path, tmp_path / "k.safetensors", alpha=4.0, prefixes=KOHYA_SDXL)
+    if fmt.startswith("kohya"):
+        sgm = 1 if fmt == "kohya_sgm" else 0  # sd-scripts' SDXL names; tiny: 1 resnet per block
+        path = to_kohya(path, tmp_path / "k.safetensors", alpha=4.0, prefixes=KOHYA_SDXL, sgm=sgm)
     latents = np.random.default_rng(0).standard_normal((1, 4, SIZE // 2, SIZE // 2), np.float32)
     pipe = Pipeline.load(tiny_sdxl_engines(), backend="onnxruntime-cpu")
     kw = {"sampler": "euler", "steps": STEPS, "guidance": GUIDANCE, "latents": latents}

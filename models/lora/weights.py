@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import InputError, ManifestError
 from .formats import LoraFile, LoraLayer
+from .sgm_names import sgm_to_diffusers
 
 __all__ = [
     "MAP_VERSION",
@@ -158,6 +159,8 @@ def _lookup(wmap: WeightMap, flat_index: dict[str, str], key: str, flat: bool) -
     are tried."""
     prefix = "text_model_" if flat else "text_model."
     other = key[len(prefix) :] if key.startswith(prefix) else prefix + key
+    if flat and wmap.component == "unet":  # kohya SDXL: original (SGM) block names
+        other = sgm_to_diffusers(key, (*wmap.weights, *wmap.absent)) or other
     for candidate in (key, other):
         path = flat_index.get(candidate) if flat else candidate
         if path is not None and path in wmap.weights:
