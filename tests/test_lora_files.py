@@ -179,3 +179,24 @@ def test_locon_tucker_delta_matches_the_factored_convolution() -> None:
     np.testing.assert_allclose(
         layer_delta(layer, (4, 5, 3, 3)), 0.5 * expected, rtol=1e-5, atol=1e-6
     )
+
+
+def test_engines_without_maps_and_openvino_refuse_in_one_line(tmp_path) -> None:
+    """Engines exported before run-time LoRA (no weight maps) and the OpenVINO backend (no
+    weight patching) refuse with what to do instead."""
+    import shutil
+
+    good = _kohya(tmp_path)
+    old = tmp_path / "old"
+    shutil.copytree(tiny_engines(), old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    for entry in manifest["components"].values():
+        entry.pop("lora_map", None)
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match=r"no LoRA weight maps.*re-export"):
+        Pipeline.load(old, backend="onnxruntime-cpu")("a cat", steps=2, loras=[good])
+    pytest.importorskip("openvino")
+    pipe = Pipeline.load(tiny_engines(), backend="openvino-fp32")
+    with pytest.raises(InputError, match="cannot apply run-time LoRAs") as err:
+        pipe("a cat", steps=2, loras=[good])
+    assert "\n" not in str(err.value)

@@ -116,6 +116,6 @@ class EngineBackend(ABC):
         ``key`` identifies the set, so a backend may cache what it built for it. Backends
         that cannot patch weights refuse in one line."""
         raise InputError(
-            f"{self.name}: the {self.kind} backend cannot apply run-time LoRAs; use ONNX Runtime "
-            "or TensorRT, or fuse the LoRA at export (trt-sd export --lora)"
+            f"{self.name}: the {self.kind} backend cannot apply run-time LoRAs; use --backend "
+            "onnxruntime-cpu (or a TensorRT engine), or fuse the LoRA at export (--lora)"
         )
