@@ -26,9 +26,15 @@ def _reference():
     return pipe
 
 
+@pytest.fixture(scope="module")
+def peft_file(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sdxl-lora")
+    return make_peft_lora(_reference(), folder, seed=3, alpha=4.0, sdxl=True)
+
+
 @pytest.mark.parametrize("fmt", ["peft", "kohya", "kohya_sgm"])
-def test_sdxl_lora_matches_diffusers(tmp_path, fmt: str) -> None:
-    path = make_peft_lora(_reference(), tmp_path / "peft", seed=3, alpha=4.0, sdxl=True)
+def test_sdxl_lora_matches_diffusers(tmp_path, peft_file, fmt: str) -> None:
+    path = peft_file
     if fmt.startswith("kohya"):
         sgm = 1 if fmt == "kohya_sgm" else 0  # sd-scripts' SDXL names; tiny: 1 resnet per block
         path = to_kohya(path, tmp_path / "k.safetensors", alpha=4.0, prefixes=KOHYA_SDXL, sgm=sgm)
