@@ -27,6 +27,7 @@ from .checkpoint import TOKENIZER_FILES, Checkpoint, locate, sha256_file
 from .component_build import build_component
 from .controlnet import build_controlnets, resolve_controlnets
 from .inpaint import check_inpaint_export
+from .lora_fuse import lora_key, read_export_loras
 from .options import DEFAULT_PROMPT_CHUNKS, ExportOptions, resolve_options
 from .partition import build_unet_sections, resolve_unet_cut
 
@@ -86,6 +87,7 @@ def export_model(
     deepcache: int | None = None,
     prompt_chunks: int = DEFAULT_PROMPT_CHUNKS,
     controlnet: str | os.PathLike[str] | list[str | os.PathLike[str]] | None = None,
+    loras: Any = (),
 ) -> Manifest:
     """Export ``model`` (diffusers folder, single ``.safetensors``, or ``None`` for the bundled
     default) to ``out_dir`` (default: :func:`trt_sd.models.default_engine_dir`).
@@ -109,10 +111,13 @@ def export_model(
     1..N prompt chunks (77..77*N tokens; long prompts, :mod:`trt_sd.runtime.prompt_chunks`);
     static TensorRT shapes pin it to one chunk. ``controlnet``: one ControlNet folder / file or a
     list of them, each exported as ``controlnet_<i>`` with a UNet that takes their residuals
-    (:mod:`trt_sd.export.controlnet`). Raises ``InputError`` for bad
-    arguments, ``NumericalError`` (naming the component) when a graph fails verification.
+    (:mod:`trt_sd.export.controlnet`). ``loras``: ``[(path, scale), ...]`` or
+    ``"PATH[:SCALE]"`` strings fused into the weights (:mod:`trt_sd.export.lora_fuse`).
+    Raises ``InputError`` for bad arguments, ``NumericalError`` (naming the component) when a
+    graph fails verification.
     """
     ckpt = locate(model, config=config, allow_pickle=allow_pickle)
+    fused_loras = read_export_loras(loras)
     opts = resolve_options(
         precision=precision,
         backend=backend,
@@ -160,6 +165,7 @@ def export_model(
             previous=engine_dir.previous_manifest(out),
             int8=int8_recipe,
             controlnet=controlnets[0] if controlnets else None,
+            loras=fused_loras,
         )
         _run(ctx, unet_cut, controlnets[1] if controlnets else [])
         engine_dir.publish(build, out)
@@ -248,6 +254,10 @@ def _manifest(
             "opset": ctx.opts.opset,
             "shape_range": ctx.shapes.to_dict(),
             "reused": reused,
+            "loras": [
+                {"name": name, "sha256": sha, "scale": scale}
+                for name, sha, scale in lora_key(ctx.loras)
+            ],
             "seconds": round(seconds, 2),
         },
     }

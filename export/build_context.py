@@ -16,9 +16,11 @@ from typing import Any
 
 from trt_sd.models import Component, Manifest, ShapeRange
 from trt_sd.models.descriptors import UNET
+from trt_sd.models.lora import MAP_VERSION
 
 from . import engine_dir
 from .checkpoint import Checkpoint, sha256_file
+from .lora_fuse import LORA_COMPONENTS, lora_key
 from .options import ExportOptions
 
 
@@ -70,6 +72,7 @@ class BuildContext:
     quantization: dict[str, Any] | None = None  # set by the INT8 UNet build
     unet_records: dict[str, Any] = field(default_factory=dict)  # unet_partition / deepcache
     controlnet: Any = None  # ControlNetPlan of ``--controlnet`` (the UNet takes residuals)
+    loras: tuple = ()  # --lora: ((LoraFile, scale), ...) fused at export (export/lora_fuse.py)
     _loader: Any = None
 
     # ---- the one cache key ------------------------------------------------------------------
@@ -94,6 +97,8 @@ class BuildContext:
             parts.update(section)
         if component.name == UNET and self.controlnet is not None:
             parts["controlnet_residuals"] = self.controlnet.residual_names
+        if weights_of in LORA_COMPONENTS:  # weight-map format, fused LoRAs (export/lora_*.py)
+            parts["lora"] = {"map": MAP_VERSION, "fused": lora_key(self.loras)}
         if component.name == UNET and self.int8 is not None:
             parts["int8"] = self.int8.to_dict()
         return engine_dir.cache_key(parts)
@@ -153,7 +158,7 @@ class BuildContext:
         if self._loader is None:
             from .modules import ModuleLoader
 
-            self._loader = ModuleLoader(self.ckpt)
+            self._loader = ModuleLoader(self.ckpt, self.loras)
         return self._loader
 
     def log(self, message: str) -> None:

@@ -48,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset, 17-20 (default 17)")
     parser.add_argument(
+        "--lora",
+        action="append",
+        metavar="PATH[:SCALE]",
+        help="fuse a LoRA .safetensors file into the weights at SCALE (default 1); repeatable",
+    )
+    parser.add_argument(
         "--vae-fp16", action="store_true", help="export the VAE in fp16 too (it may overflow)"
     )
     parser.add_argument(
@@ -159,6 +165,7 @@ def main(args: argparse.Namespace) -> int:
         split_unet=args.split_unet,
         deepcache=args.deepcache,
         controlnet=args.controlnet,
+        loras=args.lora or (),
     )
     out = default_engine_dir() if args.out is None else args.out
     print(summary_table(manifest) + describe(manifest.quantization))

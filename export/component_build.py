@@ -18,6 +18,7 @@ from trt_sd.models.errors import NumericalError
 
 from .build_context import BuildContext, fuses_attention
 from .engine_build import build_tensorrt_engine
+from .lora_map import LORA_COMPONENTS, lora_fingerprints, write_lora_map
 from .stage_bar import StageBar
 
 __all__ = ["build_component"]
@@ -59,6 +60,9 @@ def build_component(ctx: BuildContext, component: Component, key: str) -> dict[s
     bar.stage("export")
     path = ctx.build / f"{name}.onnx"
     export_onnx(module, component, trace, path, opset=opts.opset, fp16=precision == "fp16")
+    fingerprints = (
+        lora_fingerprints(module, precision == "fp16") if name in LORA_COMPONENTS else None
+    )
     del module
     gc.collect()
     fused = 0
@@ -84,6 +88,8 @@ def build_component(ctx: BuildContext, component: Component, key: str) -> dict[s
         record = verify(name, str(path), cases, precision)
     bar.stage("hash")
     extra: dict[str, Any] = {"fused_attention": fused} if fused else {}
+    if fingerprints is not None:  # where run-time LoRAs patch this engine (export/lora_map.py)
+        extra.update(write_lora_map(fingerprints, path, name))
     entry = ctx.entry(component, path, precision, record, key, EXPORTER, **extra)
     if opts.builds_engines:
         bar.stage("engine")

@@ -161,6 +161,9 @@ def entry_files(entry_dict: dict[str, Any]) -> list[tuple[str | None, str | None
     ext = entry_dict.get("external_data")
     if ext:
         files.append((ext.get("file"), ext.get("sha256")))
+    lora_map = entry_dict.get("lora_map")
+    if lora_map:
+        files.append((lora_map.get("file"), lora_map.get("sha256")))
     if entry_dict.get("onnx_file"):
         files.append((entry_dict["onnx_file"], entry_dict.get("onnx_sha256")))
     return files

@@ -18,6 +18,7 @@ from trt_sd.models.descriptors import CONTEXT, SAMPLE, TIMESTEP, Component
 
 from .checkpoint import Checkpoint
 from .inpaint import INPAINT_INPUTS, InpaintUNetWrapper
+from .lora_fuse import fuse_loras
 
 #: diffusers clamps the VAE posterior's log-variance to this range before using it.
 LOGVAR_RANGE = (-30.0, 20.0)
@@ -121,8 +122,9 @@ class ModuleLoader:
     (``local_files_only``: nothing is fetched).
     """
 
-    def __init__(self, checkpoint: Checkpoint) -> None:
+    def __init__(self, checkpoint: Checkpoint, loras: tuple = ()) -> None:
         self.checkpoint = checkpoint
+        self.loras = loras  # fused into the weights of the components they adapt
         self._pipe: Any = None
         #: components the family does not list (ControlNets): name -> module factory
         self.factories: dict[str, Any] = {}
@@ -191,7 +193,9 @@ class ModuleLoader:
             mod = VaeEncoderWrapper(model)
         else:
             raise KeyError(kind)
-        return mod.float().eval().requires_grad_(False)
+        mod = mod.float().eval().requires_grad_(False)
+        fuse_loras(mod, component, self.loras)  # --lora (export/lora_fuse.py)
+        return mod
 
 
 def _unet_wrapper(

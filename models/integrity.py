@@ -138,6 +138,9 @@ def component_files(entry: Any) -> Iterable[tuple[str, str, str]]:
     external = raw.get("external_data")
     if external:
         yield external["file"], external["sha256"], "external weights"
+    lora_map = raw.get("lora_map")
+    if lora_map:
+        yield lora_map["file"], lora_map["sha256"], "LoRA weight map"
     if raw.get("onnx_file") and raw.get("onnx_sha256"):
         yield raw["onnx_file"], raw["onnx_sha256"], "source graph"
 

@@ -100,6 +100,8 @@ COMPONENT_FIELDS: dict[str, Field] = {
     "shape_range": req(shape_range),
     "verification": opt(nullable(obj({}, files=False))),
     "external_data": opt(nullable(DATA_FILE)),
+    "lora_map": opt(nullable(DATA_FILE)),  # where run-time LoRAs patch (models/lora/weights.py)
+    "lora_modules": opt(integer(0)),
     "onnx_file": opt(relpath),
     "onnx_sha256": opt(sha256),
     "bytes": opt(integer(0)),

@@ -142,6 +142,8 @@ def _parameter_line(params: dict[str, Any], index: int, version: str) -> str:
         "Eta": params.get("eta"),
         "Guidance rescale": params.get("guidance_rescale") or None,
         "Emphasis": WEBUI_EMPHASIS.get(params.get("emphasis") or "original"),
+        "Lora hashes": ", ".join(f"{x['name']}: {x['hash']}" for x in params.get("loras", ()))
+        or None,
         TOOL_VERSION_KEY: version or None,
     }
     return ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None)

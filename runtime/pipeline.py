@@ -34,6 +34,7 @@ from .denoise import DenoiseStep, Lane, check_latents, unet_overflow_hint
 from .handoff import end_calls, prepare_handoff
 from .images import image_size, load_image, to_uint8
 from .inpaint import InpaintInput, inpaint_strength
+from .lora import LoraSupport, apply_loras, lora_params
 from .multidevice import StagedUNet, place
 from .noise import request_noise, sampler_noise_fn
 from .progress import ProgressArg, progress_reporter
@@ -106,6 +107,7 @@ class Pipeline:
         self.text = TextConditioner(self.family, manifest, self.components, tokenizers)
         self.denoise_step = DenoiseStep(self.components[UNET], manifest)
         self.controlnet = attach_controlnets(self)  # ControlNetPlan or None
+        self.lora_support = LoraSupport(engine_dir, manifest)
         config = manifest.scheduler_config
         config["prediction_type"] = manifest.prediction_type  # the manifest is authoritative
         self.scheduler_config = config
@@ -183,6 +185,7 @@ class Pipeline:
         controlnet_scale: float | Sequence[float] = 1.0,
         control_start: float | Sequence[float] = 0.0,
         control_end: float | Sequence[float] = 1.0,
+        loras: Any = None,
         **options: Any,
     ) -> GenerationResult:
         """Generate ``batch`` images. Unset prompt, steps, guidance, height and width come from
@@ -209,9 +212,11 @@ class Pipeline:
 
         Base -> refiner hand-off (:mod:`trt_sd.runtime.handoff`): ``denoising_end`` with
         ``output_type="latent"`` on the base returns ``result.latents``; the refiner takes them
-        as ``image=`` with ``denoising_start``.
+        as ``image=`` with ``denoising_start``. ``loras``: ``[(path, scale), ...]`` applied
+        to this call only (:mod:`trt_sd.runtime.lora`); ``[]`` / None is the base model.
         """
         start = time.perf_counter()
+        self, lora_set = apply_loras(self, loras)
         if output_type not in ("image", "latent"):
             raise InputError(f"output_type must be 'image' or 'latent', got {output_type!r}")
         dims = self.manifest.dims
@@ -299,6 +304,7 @@ class Pipeline:
                 params[key] = float(value)
         if cache is not None:
             params["deepcache"] = cache.summary()
+        params.update(lora_params(lora_set))
         latents_out = x if output_type == "latent" else None
         space = self.family.latent_space
         return GenerationResult(images, timings, calls, params, latents_out, space)

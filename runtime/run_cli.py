@@ -96,6 +96,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "exported with --deepcache); N:nonuniform for the paper's non-uniform schedule",
     )
     add_control_arguments(parser)
+    parser.add_argument(
+        "--lora",
+        action="append",
+        metavar="PATH[:SCALE]",
+        help="apply a LoRA .safetensors file at SCALE (default 1) without re-export; repeatable",
+    )
     parser.add_argument("--json", action="store_true", help="end stdout with a JSON summary")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or timing table")
 
@@ -113,6 +119,10 @@ def _request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, key, None)
         if value is not None:
             kwargs[key] = value
+    if args.lora:
+        from trt_sd.models.lora import parse_lora_arg
+
+        kwargs["loras"] = [parse_lora_arg(text) for text in args.lora]
     if args.batch is not None:
         from trt_sd.runtime.request import check_batch
 

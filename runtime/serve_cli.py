@@ -93,6 +93,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--cpus-per-replica", type=float, default=1.0, metavar="C")
     parser.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
+    parser.add_argument(
+        "--lora-dir",
+        metavar="DIR",
+        help="folder of LoRA .safetensors files requests may name (loras field, <lora:name:w>)",
+    )
     parser.add_argument("--address", help="Ray cluster to join (default: start a local one)")
     from .serve.front import DEFAULT_LIMITS as LIM
 
@@ -152,6 +157,7 @@ def main(args: argparse.Namespace) -> int:
         autoscale=args.autoscale,
         target_ongoing=args.target_ongoing,
         ort_cache=args.ort_cache,
+        lora_dir=args.lora_dir,
     )
     build_app(options)  # validates everything before Ray starts
     ray.init(address=args.address, include_dashboard=False)

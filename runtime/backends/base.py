@@ -14,7 +14,7 @@ stays on the GPU. On the CPU backend "device" tensors are plain arrays and nothi
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ import numpy as np
 
 from trt_sd.models.descriptors import Component
 from trt_sd.models.errors import InputError, ManifestError
+from trt_sd.models.lora import Patch
 from trt_sd.models.manifest import ComponentEntry
 
 
@@ -107,3 +108,14 @@ class EngineBackend(ABC):
     def to_host(self, value: Any) -> np.ndarray:
         """A device tensor returned by :meth:`run` as a NumPy array."""
         return np.asarray(value)
+
+    def with_weights(self, key: Hashable, patches: Callable[[], dict[str, Patch]]) -> EngineBackend:
+        """This engine with some weights replaced (run-time LoRA, :mod:`trt_sd.runtime.lora`):
+        ``patches()`` gives {ONNX initializer name: (where it lives, new value)}, computed from
+        the base weights;
+        ``key`` identifies the set, so a backend may cache what it built for it. Backends
+        that cannot patch weights refuse in one line."""
+        raise InputError(
+            f"{self.name}: the {self.kind} backend cannot apply run-time LoRAs; use --backend "
+            "onnxruntime-cpu (or a TensorRT engine), or fuse the LoRA at export (--lora)"
+        )

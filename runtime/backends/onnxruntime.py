@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +33,13 @@ import numpy as np
 
 from trt_sd.models.descriptors import Component
 from trt_sd.models.errors import BackendUnavailableError, InputError, ManifestError
+from trt_sd.models.lora import Patch
 from trt_sd.models.manifest import ComponentEntry
 
 from . import ort_cache
 from .base import EngineBackend
 from .hardware import cuda_device_count, physical_cores
+from .ort_lora import PatchedSessions, patched_view
 
 CPU_HINT = "install ONNX Runtime with: pip install 'trt-sd[cpu]'"
 GPU_HINT = (
@@ -122,6 +124,8 @@ class OnnxRuntimeBackend(EngineBackend):
             ]
             self.kind = "onnxruntime-cuda"
         cache_root = ort_cache.cache_dir() if device_id is None else None  # InputError as is
+        self.path, self.providers = path, providers
+        self.lora_sessions = PatchedSessions()
         try:
             self.session = self._cached_session(path, entry, providers, cache_root)
             if self.session is None:
@@ -211,6 +215,10 @@ class OnnxRuntimeBackend(EngineBackend):
             name: value if name in keep_on_device else value.numpy()
             for name, value in zip(self._output_names, outputs, strict=True)
         }
+
+    def with_weights(self, key: Hashable, patches: Callable[[], dict[str, Patch]]) -> EngineBackend:
+        """A session with patched initializers, from a small LRU (:mod:`.ort_lora`)."""
+        return patched_view(self, self.path, self.providers, key, patches)  # type: ignore[no-any-return]
 
     def to_host(self, value: Any) -> np.ndarray:
         if isinstance(value, self._ort.OrtValue):

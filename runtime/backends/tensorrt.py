@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Hashable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -42,12 +42,14 @@ import numpy as np
 
 from trt_sd.models.descriptors import Component
 from trt_sd.models.errors import BackendUnavailableError, InputError, ManifestError
+from trt_sd.models.lora import Patch
 from trt_sd.models.manifest import ComponentEntry
 from trt_sd.models.paths import cache_root
 from trt_sd.models.tensorrt_check import FLAVOURS, import_tensorrt
 
 from .base import EngineBackend
 from .cuda import CudaGraph, DeviceBuffer, DeviceContext, EventTimer, check, cudart
+from .tensorrt_refit import BASE_KEY, RefitState, RefitView, check_refittable, refit
 
 #: mypy: ``--always-true TRT_RTX_TYPES`` checks this module against the TensorRT-RTX bindings.
 TRT_RTX_TYPES = False
@@ -193,6 +195,7 @@ class TensorRTBackend(EngineBackend):
         self._calls = 0
         self.use_cuda_graph = bool(entry.extra.get("static_shapes"))
         self.last_gpu_seconds = 0.0
+        self.engine_path, self.refit_state = Path(path), RefitState()  # run-time LoRA
 
     def _rtx_context(
         self, engine: trt.ICudaEngine, strategy: trt.ExecutionContextAllocationStrategy
@@ -278,7 +281,30 @@ class TensorRTBackend(EngineBackend):
             graph.launch(stream)
             self._graph = graph
 
+    def with_weights(self, key: Hashable, patches: Callable[[], dict[str, Patch]]) -> EngineBackend:
+        """Run-time LoRA: a view that refits this engine to its set (:mod:`.tensorrt_refit`)."""
+        check_refittable(self)
+        return RefitView(self, key, patches)
+
+    def run_with_weights(
+        self,
+        key: Hashable,
+        patches: Callable[[], dict[str, Patch]],
+        feeds: Mapping[str, Any],
+        keep_on_device: Collection[str] = (),
+    ) -> dict[str, Any]:
+        """One call with the engine holding weight set ``key`` (refit first if it does not)."""
+        with self.refit_state.lock:
+            if self.refit_state.key != key:
+                refit(self, key, patches)
+            return self._run(feeds, keep_on_device)
+
     def run(self, feeds: Mapping[str, Any], keep_on_device: Collection[str] = ()) -> dict[str, Any]:
+        return self.run_with_weights(BASE_KEY, dict, feeds, keep_on_device)
+
+    def _run(
+        self, feeds: Mapping[str, Any], keep_on_device: Collection[str] = ()
+    ) -> dict[str, Any]:
         feeds = self.cast_feeds(feeds)
         with self.device.lock:
             check(cudart().cudaSetDevice(self.device.device), "cudaSetDevice")

@@ -68,6 +68,7 @@ class ServeOptions:
     more_engine_dirs: tuple[str, ...] = ()
     api_key: str | None = None
     limits: Limits = DEFAULT_LIMITS
+    lora_dir: str | None = None  # LoRAs requests may name (serve/lora_requests.py)
 
 
 class GeneratorDeployment(Generator):
@@ -221,10 +222,17 @@ def replica_actor_options(options: ServeOptions) -> dict[str, Any]:
     setting = options.ort_cache
     if setting is None:
         setting = os.environ.get(ort_cache.CACHE_ENV)
+    env: dict[str, str] = {}
     if setting is not None:  # validated here, before Ray starts
-        actor["runtime_env"] = {
-            "env_vars": {ort_cache.CACHE_ENV: ort_cache.replica_setting(setting)}
-        }
+        env[ort_cache.CACHE_ENV] = ort_cache.replica_setting(setting)
+    if options.lora_dir is not None:
+        from .lora_requests import LORA_DIR_ENV
+
+        if not os.path.isdir(options.lora_dir):
+            raise InputError(f"--lora-dir {options.lora_dir!r} is not a folder")
+        env[LORA_DIR_ENV] = os.path.abspath(options.lora_dir)
+    if env:
+        actor["runtime_env"] = {"env_vars": env}
     return actor
 
 

@@ -45,6 +45,7 @@ from trt_sd.runtime.controlnet import fill_size, resolve_control
 from trt_sd.runtime.denoise import Lane, split_rows
 from trt_sd.runtime.images import image_size, load_image
 from trt_sd.runtime.inpaint import InpaintInput, inpaint_strength
+from trt_sd.runtime.lora import apply_loras, lora_params
 from trt_sd.runtime.noise import initial_noise
 from trt_sd.runtime.pipeline import Pipeline, resolve_sampler
 from trt_sd.runtime.request import DEFAULT_SAMPLER, build_request
@@ -58,6 +59,7 @@ from .jobs import (
     Job,
     QueueFullError,
     RequestTimeoutError,
+    Ticket,
     check_limits,
     chunks,
     fail_job,
@@ -65,6 +67,7 @@ from .jobs import (
     start_latents,
     timeout_message,
 )
+from .lora_requests import lora_dir, request_loras
 
 __all__ = [
     "DEFAULT_MAX_QUEUE",
@@ -79,20 +82,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-class Ticket:
-    """Handle of a submitted request: its future, and a way to give it up."""
-
-    def __init__(self, job: Job, engine: BatchingEngine) -> None:
-        self._job = job
-        self._engine = engine
-        self.future = job.future
-        self.seed = job.req.seed
-
-    def cancel(self) -> None:
-        """Drop the request (the caller went away); its rows leave the next UNet call."""
-        self._engine._cancel(self._job)
 
 
 class BatchingEngine:
@@ -164,6 +153,7 @@ class BatchingEngine:
         controlnet_scale: Any = 1.0,
         control_start: Any = 0.0,
         control_end: Any = 1.0,
+        loras: Any = None,
         **options: Any,
     ) -> Ticket:
         """Validate a request (the rules and messages of ``trt-sd run``: InputError) and queue
@@ -173,8 +163,12 @@ class BatchingEngine:
         ``mask`` / ``mask_blur`` with ``image``: inpainting, as ``Pipeline.__call__``.
         ``options``: the model family's own (as ``Pipeline.__call__`` takes them).
         ``control_image`` / ``controlnet_scale`` / ``control_start`` / ``control_end``: as
-        ``Pipeline.__call__``; they travel with the request's rows (per-row scales)."""
+        ``Pipeline.__call__``; they travel with the request's rows (per-row scales).
+        ``loras`` / ``<lora:name:w>`` in the prompt: LoRAs from the server's folder
+        (:mod:`.lora_requests`); requests with different sets never share a UNet call."""
         height, width = fill_size(control_image, height, width)
+        prompt, lora_specs = request_loras(prompt, loras, lora_dir())
+        view, lora_set = apply_loras(self.pipe, lora_specs)  # bad files: InputError, nothing queued
         if image is not None and (height is None or width is None):
             size = image_size(image)
             width = size[0] if width is None and size else width
@@ -208,6 +202,7 @@ class BatchingEngine:
         job.control = resolve_control(
             self.pipe.controlnet, control_image, controlnet_scale, control_start, control_end, req
         )
+        job.pipe, job.lora_key, job.lora_params = view, lora_set.key, lora_params(lora_set)
         if image is not None:
             job.init = load_image(image, req.width, req.height)
         if mask is not None:
@@ -301,16 +296,16 @@ class BatchingEngine:
     def _start(self, jobs: list[Job]) -> None:
         """Text-encode new requests (rows of one emphasis mode and context length together)
         and draw their initial latents."""
-        groups: dict[tuple[str, int], list[Job]] = {}
+        groups: dict[tuple, list[Job]] = {}
         for job in jobs:
             emphasis = job.req.emphasis
             try:
-                key = (emphasis, self.pipe.text.sequence_length(job.prompt_rows().texts, emphasis))
+                length = self.pipe.text.sequence_length(job.prompt_rows().texts, emphasis)
             except Exception as e:
                 self._failed(job, e)
                 continue
-            groups.setdefault(key, []).append(job)
-        for (emphasis, _), group in groups.items():
+            groups.setdefault((emphasis, length, job.lora_key), []).append(job)
+        for (emphasis, *_), group in groups.items():
             self._encode(group, emphasis)
 
     def _encode(self, jobs: list[Job], emphasis: str) -> None:
@@ -320,7 +315,7 @@ class BatchingEngine:
         for chunk in chunks(jobs, lambda j: j.rows, rows_limit, len(jobs)):
             rows = [j.prompt_rows() for j in chunk]
             try:
-                conditioning = self.pipe.encode_conditioning(
+                conditioning = chunk[0].pipe.encode_conditioning(
                     sum(rows[1:], rows[0]), emphasis=emphasis
                 )
             except Exception as e:
@@ -364,7 +359,7 @@ class BatchingEngine:
             lanes.append(Lane(x_in, t, job.req.cfg, job.embeddings or {}, ctl))
         rows = sum(lane.rows for lane in lanes)
         try:
-            outputs = self.pipe.engines[UNET].run(self._step.feeds(lanes))
+            outputs = batch[0].pipe.engines[UNET].run(self._step.feeds(lanes))
             out = np.asarray(outputs[self._step.output_name], dtype=np.float32)
         except Exception as e:
             for job in batch:

@@ -64,6 +64,10 @@ class Job:
     init: np.ndarray | None = None  # img2img: the init image (1, 3, H, W) in [-1, 1]
     inpaint: Any = None  # inpainting: its image and mask (trt_sd.runtime.inpaint.InpaintInput)
     control: Any = None  # ControlNet images / scales (trt_sd.runtime.controlnet.RequestControl)
+    #: the pipeline (engine views) of its LoRA set, the set's identity and reported params
+    pipe: Any = None
+    lora_key: tuple = ()
+    lora_params: dict[str, Any] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -85,10 +89,24 @@ class Job:
         )
 
     @property
-    def unet_key(self) -> tuple[tuple[int, int], int]:
-        """What must match for rows to share a UNet call: image size and context length
-        (long prompts make 154, 231, ... tokens; after text encoding)."""
-        return self.size, int(np.shape((self.embeddings or {})[CONTEXT])[1])
+    def unet_key(self) -> tuple[tuple[int, int], int, tuple]:
+        """What must match for rows to share a UNet call: image size, context length (long
+        prompts make 154, 231, ... tokens; after text encoding) and LoRA set."""
+        return self.size, int(np.shape((self.embeddings or {})[CONTEXT])[1]), self.lora_key
+
+
+class Ticket:
+    """Handle of a submitted request: its future, and a way to give it up."""
+
+    def __init__(self, job: Job, engine: Any) -> None:
+        self._job = job
+        self._engine = engine
+        self.future = job.future
+        self.seed = job.req.seed
+
+    def cancel(self) -> None:
+        """Drop the request (the caller went away); its rows leave the next UNet call."""
+        self._engine._cancel(self._job)
 
 
 @dataclass
@@ -139,7 +157,8 @@ def job_params(pipe: Any, job: Job) -> dict[str, Any]:
     """What a finished job's result reports (and its PNG embeds)."""
     control = job.control.params() if job.control else {}
     params = pipe.result_params(job.req, {**job.options, **control})
-    return {**params, **(job.inpaint.params() if job.inpaint is not None else {})}
+    inpaint = job.inpaint.params() if job.inpaint is not None else {}
+    return {**params, **inpaint, **job.lora_params}
 
 
 def fail_job(job: Job, error: BaseException) -> None:

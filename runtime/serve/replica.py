@@ -54,6 +54,7 @@ FIELDS = (
     "mask",  # inpainting: the mask for ``image``, base64 like it (white = repaint)
     "mask_blur",  # pixels (0-64)
     "emphasis",  # how (word:1.3) weights the prompt: original, no_norm, ignore, none
+    "loras",  # [{"name": ..., "scale": ...}] from --lora-dir (also <lora:name:w> in prompts)
 )
 _STRING_FIELDS = ("prompt", "negative_prompt", "sampler", "emphasis")
 SEED_HEADER = "X-Seed"
