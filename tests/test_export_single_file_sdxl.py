@@ -3,9 +3,10 @@ refiner (bigG alone) and SD 2.x (ViT-H), in the original (SGM / LDM) key layout.
 
 There is no hub here, so the test writes its own single files: each tiny diffusers pipeline's
 weights renamed to the original layout (:mod:`ldm_layout`, the inverse of diffusers'
-single-file converters). diffusers' ``from_single_file`` must restore them exactly, and the
-engines exported from the file with ``--config`` must give the images the diffusers-folder
-export gives (same weights, same graphs: the same pixels).
+single-file converters). diffusers' ``from_single_file`` must restore them exactly, the exporter's
+loader must read the folder's weights from them, and (SDXL) the engines exported from the
+file with ``--config`` must give the images the diffusers-folder export gives (same weights,
+same graphs: the same pixels).
 """
 
 from __future__ import annotations
@@ -15,15 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ldm_layout import clip_to_ldm, open_clip_to_ldm, unet_to_ldm, vae_to_ldm
-from runtime_engines import (
-    SIZE,
-    tiny_engines,
-    tiny_model,
-    tiny_refiner_engines,
-    tiny_refiner_model,
-    tiny_sdxl_engines,
-    tiny_sdxl_model,
-)
+from runtime_engines import SIZE, tiny_model, tiny_refiner_model, tiny_sdxl_engines, tiny_sdxl_model
 
 from trt_sd.export import export_model
 from trt_sd.runtime import Pipeline
@@ -45,12 +38,6 @@ PIPELINE = {
     "refiner": "StableDiffusionXLImg2ImgPipeline",
     "sd2": "StableDiffusionPipeline",
 }
-#: the same export ranges as tests/runtime_engines.py's folder exports
-RANGES = {
-    "sdxl": {"height": "16:24", "width": "16:24", "batch": "1:2"},
-    "refiner": {"height": "16:24", "width": "16:24", "batch": "1:2"},
-    "sd2": {"precision": "fp32", "height": "16:24", "width": "16:24", "batch": "1:4"},
-}
 
 
 def _folder(family: str) -> Path:
@@ -63,9 +50,9 @@ def _folder(family: str) -> Path:
 
 def write_single_file(family: str, path: Path) -> tuple[Path, Path]:
     """The family's tiny diffusers folder as one original-layout ``.safetensors``."""
+    import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
-    import transformers
 
     folder = _folder(family)
     unet = UNet2DConditionModel.from_pretrained(folder / "unet")
@@ -101,26 +88,62 @@ def test_layout_round_trips_through_diffusers(single_file) -> None:
         assert all(torch.equal(got[k], want[k]) for k in want), sub
 
 
-def _images(pipe: Pipeline, family: str) -> np.ndarray:
-    latents = np.random.default_rng(4).standard_normal((1, 4, SIZE // 2, SIZE // 2), np.float32)
-    kw = {"sampler": "euler", "steps": 4, "guidance": 5.0, "seed": 7}
-    if family == "refiner":
-        image = np.random.default_rng(5).uniform(0, 255, (SIZE, SIZE, 3)).astype(np.uint8)
-        return np.stack(pipe("a cat", "dog", image=image, strength=0.6, **kw).images)
-    return np.stack(pipe("a photo of a cat", "dog", latents=latents, **kw).images)
+def test_our_loader_reads_the_file_as_the_folder(single_file) -> None:
+    """The exporter's own loader (family told from ``--config``, diffusers' single-file
+    conversion) gives every component the folder's weights: what export traces is the
+    folder's model. (For SDXL the engines are compared as well, below.)"""
+    from trt_sd.export.checkpoint import locate
+    from trt_sd.export.modules import ModuleLoader
+
+    _, path, folder = single_file
+    ckpt, by_folder = locate(path, config=folder), locate(folder)
+    assert ckpt.kind == "single_file" and ckpt.family == by_folder.family
+    assert ckpt.dims == by_folder.dims
+    ours, theirs = ModuleLoader(ckpt), ModuleLoader(by_folder)
+    for sub, kind in dict(ckpt.family_spec.sources.values()).items():
+        want = theirs._submodel(sub, kind).state_dict()
+        got = ours._submodel(sub, kind).state_dict()
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), sub
 
 
-def test_single_file_engines_equal_the_folder_engines(single_file, tmp_path) -> None:
-    family, path, folder = single_file
+def test_sdxl_single_file_engines_equal_the_folder_engines(tmp_path) -> None:
+    path, folder = write_single_file("sdxl", tmp_path / "tiny-sdxl.safetensors")
     out = tmp_path / "engines"
-    manifest = export_model(path, out, config=folder, progress=False, **RANGES[family])
-    assert manifest.model["format"] == "single_file" and manifest.model["name"] == path.stem
-    by_folder = {
-        "sdxl": tiny_sdxl_engines,
-        "refiner": tiny_refiner_engines,
-        "sd2": lambda: tiny_engines(v_prediction=True),
-    }[family]()
+    kw = {"height": "16:24", "width": "16:24", "batch": "1:2", "progress": False}
+    manifest = export_model(path, out, config=folder, **kw)
+    assert manifest.model["format"] == "single_file" and manifest.model["name"] == "tiny-sdxl"
     ours = Pipeline.load(out, backend="onnxruntime-cpu")
-    theirs = Pipeline.load(by_folder, backend="onnxruntime-cpu")
-    assert ours.manifest.family.name == theirs.manifest.family.name
-    assert np.array_equal(_images(ours, family), _images(theirs, family))
+    theirs = Pipeline.load(tiny_sdxl_engines(), backend="onnxruntime-cpu")
+    assert ours.manifest.family.name == "sdxl"
+    latents = np.random.default_rng(4).standard_normal((2, 4, SIZE // 2, SIZE // 2), np.float32)
+    kw = {"sampler": "euler", "steps": 4, "guidance": 5.0, "batch": 2, "latents": latents}
+    kw["original_size"] = (24, 24)
+    a = np.stack(ours("a photo of a cat", "dog", **kw).images)
+    b = np.stack(theirs("a photo of a cat", "dog", **kw).images)
+    assert a.std() > 0 and np.array_equal(a, b)
+
+
+def test_a_file_of_another_family_is_refused_in_one_line(tmp_path) -> None:
+    """An SD 2.x file with the SDXL config (and the reverse) names both families; no torch
+    loading, no diffusers shape error."""
+    from trt_sd.export.checkpoint import locate
+    from trt_sd.models.errors import InputError
+
+    sd2, _ = write_single_file("sd2", tmp_path / "sd2.safetensors")
+    with pytest.raises(
+        InputError,
+        match=r"^sd2.safetensors is an SD 1.x / 2.x checkpoint, but "
+        r"the --config folder is SDXL \(its text encoders would be under "
+        r"conditioner.embedders.0.transformer.\*, conditioner.embedders.1.model.",
+    ):
+        locate(sd2, config=tiny_sdxl_model())
+    xl, _ = write_single_file("sdxl", tmp_path / "xl.safetensors")
+    with pytest.raises(
+        InputError,
+        match="^xl.safetensors is an SDXL base checkpoint, but the "
+        r"--config folder is SD 2.x \(its text encoders would be under "
+        r"cond_stage_model.\*\)",
+    ):
+        locate(xl, config=tiny_model(v_prediction=True))
+    with pytest.raises(InputError, match="SDXL refiner"):
+        locate(xl, config=tiny_refiner_model())

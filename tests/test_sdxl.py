@@ -238,9 +238,7 @@ def test_fp16_engines_give_fp16_outputs_and_an_image(tmp_path) -> None:
     from trt_sd.export import export_model
 
     out = tmp_path / "fp16"
-    manifest = export_model(
-        tiny_sdxl_model(), out, precision="fp16", batch="1:2", progress=False
-    )
+    manifest = export_model(tiny_sdxl_model(), out, precision="fp16", batch="1:2", progress=False)
     for name in ("text_encoder", "text_encoder_2", "unet"):
         graph = onnx.load(out / manifest.components[name].file, load_external_data=False).graph
         assert {o.type.tensor_type.elem_type for o in graph.output} == {onnx.TensorProto.FLOAT16}

@@ -153,4 +153,5 @@ SDXL = FamilySpec(
     resolve_options=resolve_sdxl_options,
     features=frozenset({"split_unet", "deepcache"}),
     latent_space="sdxl",
+    single_file_text=("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."),
 )

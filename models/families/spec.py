@@ -117,6 +117,9 @@ class FamilySpec:
     #: pipeline settings read from ``model_index.json`` (with these defaults) into the
     #: manifest's ``family_config``
     settings: Mapping[str, Any] = field(default_factory=dict)
+    #: key prefixes its text encoders have in a single ``.safetensors`` file's original
+    #: (LDM / SGM) layout, all required: a file of another family is refused with one line
+    single_file_text: tuple[str, ...] = ("cond_stage_model.",)
 
     @property
     def component_names(self) -> tuple[str, ...]:
