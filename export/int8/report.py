@@ -73,8 +73,8 @@ def onnxruntime_unet_fn(path: str | Path) -> UnetFn:
 
     names = [i.name for i in session.get_inputs()]  # the UNet descriptor's, in its order
 
-    def run(sample: np.ndarray, timestep: np.ndarray, hidden: np.ndarray) -> np.ndarray:
-        feeds = dict(zip(names, (sample, timestep, hidden), strict=True))
+    def run(*inputs: np.ndarray) -> np.ndarray:
+        feeds = dict(zip(names, inputs, strict=True))
         return np.asarray(session.run(None, feeds)[0], dtype=np.float32)
 
     return run
