@@ -20,9 +20,9 @@ under ``/usr/bin/time -v`` and reports its wall time and peak resident memory.
 once): diffusers' ``StableDiffusionXLPipeline`` on the folder, trt-sd's ``Pipeline`` on the
 engines (``--backend``, default ``auto``), the same prompt, negative prompt, initial latents,
 Euler sampler (SDXL's scheduler config), steps and CFG scale; ``--warmup`` untimed calls
-(default 1) then ``--rounds`` timed calls each; the figure is the median. The two images are compared too (same
-work: fp32 ONNX Runtime matches diffusers to a few 1/255; OpenVINO's bf16 does not). The
-1-minute load average is printed before and after: the machine may be shared.
+(default 1) then ``--rounds`` timed calls each; the figure is the median. The two images are
+compared too (same work: fp32 ONNX Runtime matches diffusers to a few 1/255; OpenVINO's bf16
+does not). The 1-minute load average is printed before and after: the machine may be shared.
 """
 
 from __future__ import annotations
