@@ -149,6 +149,7 @@ class Checkpoint:
             text_hidden_size_2=int(second.get("hidden_size", 0)),
             text_pooled_size=pooled,
             time_ids_size=time_ids,
+            time_cond_proj_dim=int(u.get("time_cond_proj_dim") or 0),
         )
 
     @property

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from trt_sd.models import InputError
-from trt_sd.models.descriptors import CONTEXT, SAMPLE, TIMESTEP, Component
+from trt_sd.models.descriptors import CONTEXT, SAMPLE, TIMESTEP, TIMESTEP_COND, Component
 
 from .checkpoint import Checkpoint
 
@@ -57,9 +57,15 @@ class UNetWrapper(nn.Module):
         encoder_hidden_states: torch.Tensor,
         *added: torch.Tensor,
     ) -> torch.Tensor:
-        kwargs = dict(zip(self.added, added, strict=True)) or None
+        kwargs = dict(zip(self.added, added, strict=True))
+        cond = kwargs.pop(TIMESTEP_COND, None)  # LCM's guidance embedding is not added_cond
         return self.unet(
-            sample, timestep, encoder_hidden_states, added_cond_kwargs=kwargs, return_dict=False
+            sample,
+            timestep,
+            encoder_hidden_states,
+            timestep_cond=cond,
+            added_cond_kwargs=kwargs or None,
+            return_dict=False,
         )[0]
 
 

@@ -95,6 +95,8 @@ def prepare_int8(
         raise InputError(
             f"--precision int8 is not available for {ckpt.family_spec.label} models yet"
         )
+    if ckpt.dims.time_cond_proj_dim:  # calibration samples with CFG rows
+        raise InputError("--precision int8 is not available for LCM-distilled UNets yet")
     default_guidance = float(ckpt.defaults().get("guidance", 7.5))
     resolved = resolve_recipe(
         recipe,
