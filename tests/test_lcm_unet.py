@@ -116,3 +116,21 @@ def test_unsupported_export_features_say_so(lcm_model, tmp_path, options, flag) 
 
     with pytest.raises(InputError, match=f"^{flag} is not available for LCM-distilled UNets yet$"):
         export_model(lcm_model, tmp_path / "e", progress=False, **options)
+
+
+def test_batching_engine_embeds_each_request_guidance(pipe) -> None:
+    """Requests with different guidance share UNet calls; each row gets its own embedding."""
+    from trt_sd.runtime.serve.engine import BatchingEngine
+
+    engine = BatchingEngine(pipe, max_batch=2)
+    requests = [
+        {"prompt": PROMPT, "sampler": "lcm", "steps": 3, "guidance": 8.5, "seed": 1},
+        {"prompt": "a cat", "sampler": "lcm", "steps": 3, "guidance": 3.0, "seed": 2},
+    ]
+    try:
+        results = [t.future.result(timeout=300) for t in [engine.submit(**r) for r in requests]]
+    finally:
+        engine.close()
+    for r, got in zip(requests, results, strict=True):
+        alone = pipe(**r)
+        assert int(np.abs(got.image.astype(int) - alone.images[0].astype(int)).max()) <= 1
