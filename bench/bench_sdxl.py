@@ -8,8 +8,10 @@ memory. The issue's goal: trt-sd end to end <= 0.5x diffusers' time.
 ``make`` writes a diffusers SDXL base folder with random weights from the architecture of
 ``stabilityai/stable-diffusion-xl-base-1.0`` (UNet 2.57 B parameters: blocks 320/640/1280,
 transformer depths 1/2/10, context 2048, text-time conditioning; CLIP ViT-L and OpenCLIP bigG
-text encoders; SDXL's VAE). ``--scale reduced`` shrinks every width and depth so the script
-itself can be tried in a minute; its figures say nothing about SDXL. One component is built,
+text encoders; SDXL's VAE). ``--unet-depth N`` keeps all of that but N transformer blocks
+at the lowest level instead of 10 (N=2: a 0.90 B UNet, SD 1.5's size; the figures are then
+of that smaller UNet and say so). ``--scale reduced`` shrinks every width and depth so the
+script itself can be tried in a minute; its figures say nothing about SDXL. One component is built,
 saved and freed at a time (the fp32 UNet alone is 10.3 GB). ``--weights fp16`` saves
 half-size files (what SDXL checkpoints ship); both exporters load them as fp32.
 
@@ -114,8 +116,9 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
-def make(folder: Path, scale: str, weights: str) -> None:
-    """Write the random-weight SDXL base folder, one component at a time."""
+def make(folder: Path, scale: str, weights: str, unet_depth: int) -> None:
+    """Write the random-weight SDXL base folder, one component at a time, each built directly
+    in the saved dtype (an fp16 UNet never exists in fp32 here)."""
     import gc
 
     import torch
@@ -139,6 +142,10 @@ def make(folder: Path, scale: str, weights: str) -> None:
     common = {"vocab_size": 49408, "max_position_embeddings": 77, "bos_token_id": 49406,
               "eos_token_id": 49407, "pad_token_id": 49407}  # fmt: skip
 
+    depth = {}  # --unet-depth: transformer blocks at the lowest level (SDXL: 10)
+    if unet_depth:
+        depth["transformer_layers_per_block"] = (1, 2, unet_depth) if not small else (1, 1, 2)
+
     def cfg(full: dict[str, Any], key: str) -> dict[str, Any]:
         return {**full, **(REDUCED[key] if small else {})}
 
@@ -146,15 +153,19 @@ def make(folder: Path, scale: str, weights: str) -> None:
         ("text_encoder", lambda: CLIPTextModel(CLIPTextConfig(**common, **cfg(CLIP_L, "clip_l")))),
         ("text_encoder_2", lambda: CLIPTextModelWithProjection(
             CLIPTextConfig(**common, **cfg(CLIP_BIGG, "clip_g")))),
-        ("unet", lambda: UNet2DConditionModel(**cfg(SDXL_UNET, "unet"))),
+        ("unet", lambda: UNet2DConditionModel(**{**cfg(SDXL_UNET, "unet"), **depth})),
         ("vae", lambda: AutoencoderKL(**cfg(SDXL_VAE, "vae"))),
     ]  # fmt: skip
     for sub, build in parts:
         if (folder / sub / "config.json").is_file():
             continue
         t0 = time.perf_counter()
-        with torch.no_grad():
-            module = build().eval().to(dtype)
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.no_grad():
+                module = build().eval()
+        finally:
+            torch.set_default_dtype(torch.float32)
         params = sum(p.numel() for p in module.parameters())
         module.save_pretrained(folder / sub)
         print(f"{sub}: {params / 1e6:.0f} M parameters, {time.perf_counter() - t0:.0f} s")
@@ -278,6 +289,12 @@ def main() -> int:
     p.add_argument("--workdir", required=True)
     p.add_argument("--scale", choices=("full", "reduced"), default="full")
     p.add_argument("--weights", choices=("fp32", "fp16"), default="fp32")
+    p.add_argument(
+        "--unet-depth",
+        type=int,
+        default=0,
+        help="transformer blocks at the UNet's lowest level (default: SDXL's 10)",
+    )
     p = sub.add_parser("export")
     p.add_argument("--workdir", required=True)
     p.add_argument("--size", type=int, default=512)
@@ -296,7 +313,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.cmd == "make":
         t0 = time.perf_counter()
-        make(Path(args.workdir) / "model", args.scale, args.weights)
+        make(Path(args.workdir) / "model", args.scale, args.weights, args.unet_depth)
         print(f"make: {time.perf_counter() - t0:.0f} s")
     elif args.cmd == "export":
         work = Path(args.workdir)
