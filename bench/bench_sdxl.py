@@ -201,6 +201,7 @@ def timed_child(argv: list[str]) -> dict[str, Any]:
         "seconds": round(seconds, 1),
         "peak_rss_gib": round(int(rss.group(1)) / 2**20, 2) if rss else None,
         "tail": (proc.stdout + proc.stderr.split("\tCommand being timed")[0])[-1500:],
+        "stdout": proc.stdout,
     }
 
 
@@ -268,7 +269,7 @@ def e2e(args: argparse.Namespace) -> None:
         r = timed_child(argv)
         if r["exit"] != 0:
             raise SystemExit(f"{side} failed (exit {r['exit']}):\n{r['tail']}")
-        line = [s for s in r["tail"].splitlines() if s.startswith("{")][-1]
+        line = [s for s in r["stdout"].splitlines() if s.startswith("{")][-1]
         results[side] = {**json.loads(line), "peak_rss_gib": r["peak_rss_gib"]}
         results[side]["median"] = statistics.median(results[side]["times"])
         print(side, results[side], flush=True)
@@ -322,7 +323,7 @@ def main() -> int:
         r = timed_child(["child-export", str(work / "model"), str(out), str(args.size),
                          args.precision])  # fmt: skip
         print(f"load average after: {load_average():.1f}")
-        print(json.dumps(r))
+        print(json.dumps({k: v for k, v in r.items() if k != "stdout"}))
         return 0 if r["exit"] == 0 else 1
     elif args.cmd == "child-export":
         model, out, size, precision = args.args
