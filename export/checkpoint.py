@@ -69,17 +69,20 @@ def _token(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _check_safetensors(path: Path) -> None:
-    """Open the header so a truncated or foreign file fails here with one line."""
+def _check_safetensors(path: Path) -> list[str]:
+    """Open the header so a truncated or foreign file fails here with one line; its tensor
+    names."""
     from safetensors import safe_open
 
     from .checkpoint_keys import check_single_file_keys
 
     try:
         with safe_open(str(path), framework="numpy") as f:
-            if not list(f.keys()):
+            keys = list(f.keys())
+            if not keys:
                 raise InputError(f"{path} holds no tensors")
-            check_single_file_keys(path, f.keys())  # a LoRA / foreign model: one line
+            check_single_file_keys(path, keys)  # a LoRA / foreign model: one line
+            return keys
     except InputError:
         raise
     except Exception as e:  # safetensors raises its own error types for every corruption
@@ -146,6 +149,7 @@ class Checkpoint:
             text_hidden_size_2=int(second.get("hidden_size", 0)),
             text_pooled_size=pooled,
             time_ids_size=time_ids,
+            time_cond_proj_dim=int(u.get("time_cond_proj_dim") or 0),
         )
 
     @property
@@ -351,6 +355,7 @@ def locate(
         )
     if not path.exists():
         raise InputError(f"model {str(path)!r} does not exist")
+    keys: list[str] | None = None  # a single .safetensors file's tensor names
     if path.is_dir():
         if config is not None:
             raise InputError(
@@ -371,8 +376,7 @@ def locate(
                 f"{path.name}: unsupported checkpoint type; pass a diffusers folder or a "
                 ".safetensors file"
             )
-        if path.suffix.lower() == ".safetensors":
-            _check_safetensors(path)
+        keys = _check_safetensors(path) if path.suffix.lower() == ".safetensors" else None
         if config is None:
             raise InputError(
                 f"{path.name} is a single-file checkpoint: pass config=DIR (--config DIR), a "
@@ -385,6 +389,10 @@ def locate(
     configs = _read_configs(config_dir)
     if kind == "folder":
         _check_component_weights(path, configs["family_spec"], allow_pickle)
+    elif keys is not None:
+        from .checkpoint_keys import check_family_keys
+
+        check_family_keys(path, keys, configs["family_spec"])
     name = DEFAULT_MODEL_NAME if bundled else (path.name if path.is_dir() else path.stem)
     return Checkpoint(
         kind=kind,

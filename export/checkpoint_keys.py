@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from trt_sd.models.errors import InputError
+from trt_sd.models.families.spec import FamilySpec
 
 #: component -> key prefixes of the original layout (any one suffices)
 REQUIRED_PREFIXES: dict[str, tuple[str, ...]] = {
@@ -20,6 +21,32 @@ REQUIRED_PREFIXES: dict[str, tuple[str, ...]] = {
     "VAE": ("first_stage_model.",),
     "text encoder": ("cond_stage_model.", "conditioner.embedders.", "text_encoders."),
 }
+
+
+#: original-layout text encoder prefix -> the family whose files have it (for the message)
+LAYOUT_FAMILIES: dict[str, str] = {
+    "cond_stage_model.": "SD 1.x / 2.x",
+    "conditioner.embedders.1.model.": "SDXL base",
+    "conditioner.embedders.0.model.": "SDXL refiner",
+    "text_encoders.": "SD 3",
+}
+
+
+def check_family_keys(path: Path, keys: Iterable[str], family: FamilySpec) -> None:
+    """InputError unless the file holds the text encoders of the ``--config`` folder's
+    family (an SD 1.x file with an SDXL config fails in diffusers' converter on a tensor
+    shape, which does not say that the two do not belong together)."""
+    names = list(keys)
+    missing = [p for p in family.single_file_text if not any(k.startswith(p) for k in names)]
+    if not missing:
+        return
+    found = [f for p, f in LAYOUT_FAMILIES.items() if any(k.startswith(p) for k in names)]
+    what = f"an {found[0]} checkpoint" if found else "not a checkpoint of a known family"
+    raise InputError(
+        f"{path.name} is {what}, but the --config folder is {family.label} (its text "
+        f"encoders would be under {', '.join(p + '*' for p in missing)}); pass a config "
+        "folder of the checkpoint's own family"
+    )
 
 
 def check_single_file_keys(path: Path, keys: Iterable[str]) -> None:

@@ -14,7 +14,7 @@ from torch import nn
 
 from trt_sd.models import InputError
 from trt_sd.models.controlnet import is_residual
-from trt_sd.models.descriptors import CONTEXT, SAMPLE, TIMESTEP, Component
+from trt_sd.models.descriptors import CONTEXT, SAMPLE, TIMESTEP, TIMESTEP_COND, Component
 
 from .checkpoint import Checkpoint
 from .inpaint import INPAINT_INPUTS, InpaintUNetWrapper
@@ -63,7 +63,8 @@ class UNetWrapper(nn.Module):
         *rest: torch.Tensor,
     ) -> torch.Tensor:
         added, residuals = rest[: len(self.added)], rest[len(self.added) :]
-        kwargs = dict(zip(self.added, added, strict=True)) or None
+        kwargs = dict(zip(self.added, added, strict=True))
+        cond = kwargs.pop(TIMESTEP_COND, None)  # LCM's guidance embedding is not added_cond
         control: dict[str, Any] = {}
         if residuals:  # ControlNet residuals (without them: the plain UNet, i.e. zeros)
             control = {
@@ -74,7 +75,8 @@ class UNetWrapper(nn.Module):
             sample,
             timestep,
             encoder_hidden_states,
-            added_cond_kwargs=kwargs,
+            timestep_cond=cond,
+            added_cond_kwargs=kwargs or None,
             return_dict=False,
             **control,
         )[0]

@@ -309,6 +309,8 @@ def resolve_unet_cut(
     ):
         if value is not None and feature not in family.features:
             raise InputError(f"{flag} is not available for {family.label} models yet")
+        if value is not None and ckpt.dims.time_cond_proj_dim:  # the layer list has no input
+            raise InputError(f"{flag} is not available for LCM-distilled UNets yet")
     layout = _layout(ckpt)
     check_unet_cut(split_unet, deepcache, precision, layout)
     return split_unet, deepcache

@@ -273,6 +273,8 @@ class ModelDims:
     text_hidden_size_2: int = 0
     text_pooled_size: int = 0
     time_ids_size: int = 0
+    #: LCM-distilled UNets: width of the guidance-scale embedding (``timestep_cond``)
+    time_cond_proj_dim: int = 0
 
     @property
     def inpainting(self) -> bool:
@@ -295,7 +297,7 @@ class ModelDims:
         return cls(**{k: int(v) for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-_OPTIONAL_DIMS = ("text_hidden_size_2", "text_pooled_size", "time_ids_size")
+_OPTIONAL_DIMS = ("text_hidden_size_2", "text_pooled_size", "time_ids_size", "time_cond_proj_dim")
 
 # Component names: also the engine file stems and the keys of manifest["components"].
 TEXT_ENCODER = "text_encoder"
@@ -312,6 +314,8 @@ COMPONENT_NAMES = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)
 SAMPLE = "sample"
 TIMESTEP = "timestep"
 CONTEXT = "encoder_hidden_states"
+#: an LCM-distilled UNet's guidance-scale embedding (diffusers' ``timestep_cond``)
+TIMESTEP_COND = "timestep_cond"
 #: The text encoder's hidden-state output (what SD 1.x / 2.x condition on).
 TEXT_EMBEDDINGS = "text_embeddings"
 #: An inpainting UNet's extra per-row inputs (:attr:`ModelDims.inpainting`), concatenated
@@ -351,6 +355,13 @@ def text_encoder(
     )
 
 
+def guidance_input(d: ModelDims) -> tuple[TensorSpec, ...]:
+    """An LCM-distilled UNet's guidance-scale embedding input (none for other UNets)."""
+    if not d.time_cond_proj_dim:
+        return ()
+    return (TensorSpec(TIMESTEP_COND, "float", ("unet_batch", d.time_cond_proj_dim)),)
+
+
 def unet(d: ModelDims, added: tuple[TensorSpec, ...] = ()) -> Component:
     """Denoising UNet: one timestep per batch row, so requests at different steps can share a
     call (continuous batching) and CFG halves run together. The context's length is
@@ -365,7 +376,8 @@ def unet(d: ModelDims, added: tuple[TensorSpec, ...] = ()) -> Component:
             TensorSpec(TIMESTEP, "float32", ("unet_batch",)),
             TensorSpec(CONTEXT, "float", ("unet_batch", "text_length", d.context_size)),
             *added,
-            *inpaint_inputs(d),
+            *guidance_input(d),
+            *inpaint_inputs(d),  # last: the inpainting wrapper takes them off the end
         ),
         outputs=(
             TensorSpec(

@@ -28,11 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from trt_sd.models.descriptors import Component
+from trt_sd.models.descriptors import TIMESTEP_COND, Component
 from trt_sd.models.errors import ManifestError, NumericalError
 from trt_sd.models.families import FamilySpec, PromptRows, family_config
 from trt_sd.models.manifest import Manifest
 
+from .guidance_embedding import guidance_embedding
 from .prompt_chunks import (
     COMMA_BACKTRACK,
     PromptBatch,
@@ -90,6 +91,7 @@ class TextConditioner:
         self.settings = family_config(manifest.raw)
         self.components = components
         self.tokenizers = tokenizers
+        self.guidance_dim = manifest.dims.time_cond_proj_dim
         self.max_chunks = prompt_chunk_limit(manifest)
         #: rows per text-encoder call (its built batch), for the chunks of long prompts
         self.max_rows = {
@@ -192,4 +194,9 @@ class TextConditioner:
                 if not keep_any:
                     out[name] = value
             outputs[enc.component] = out
-        return self.family.combine(outputs, rows, self.settings)
+        feeds = self.family.combine(outputs, rows, self.settings)
+        if self.guidance_dim:  # an LCM-distilled UNet: guidance is an input, not CFG rows
+            if len(rows.guidance) != len(rows.texts):
+                raise ValueError("an LCM-distilled UNet needs each row's guidance scale")
+            feeds[TIMESTEP_COND] = guidance_embedding(rows.guidance, self.guidance_dim)
+        return feeds

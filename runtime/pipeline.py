@@ -398,11 +398,11 @@ class Pipeline:
     def _encode_text(
         self, req: Request, options: dict[str, Any], timings: dict[str, float]
     ) -> dict[str, Any]:
-        """Prompts -> UNet conditioning, ``[uncond..., cond...]`` rows in one call per text
-        encoder when CFG is on (diffusers' order); a passthrough family's context stays on
-        the device for the UNet calls that follow."""
+        """Prompts -> UNet conditioning, ``[uncond..., cond...]`` rows with CFG (diffusers' order),
+        one call per text encoder; a passthrough family's context stays on the device."""
+        size = (req.height, req.width)
         rows = PromptRows.for_request(
-            req.prompts, req.negative_prompts, req.cfg, (req.height, req.width), options
+            req.prompts, req.negative_prompts, req.cfg, size, options, req.guidance
         )
         keep = self._embeddings_stay_on_device()
         run = self._text_run(timings)

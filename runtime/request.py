@@ -58,11 +58,15 @@ class Request:
     sampler_options: dict[str, Any] = field(default_factory=dict)  # e.g. exponential sigmas
     #: how ``(word:1.3)`` / ``[word]`` are read (:data:`~.prompt_chunks.EMPHASIS_MODES`)
     emphasis: str = DEFAULT_EMPHASIS
+    #: the UNet takes the guidance scale as an input (LCM-distilled): no CFG rows
+    guidance_embedded: bool = False
 
     @property
     def cfg(self) -> bool:
-        """Classifier-free guidance runs only above 1 (diffusers: ``guidance_scale > 1``)."""
-        return self.guidance > 1.0
+        """Classifier-free guidance runs only above 1 (diffusers: ``guidance_scale > 1``),
+        and never for a UNet that embeds the guidance scale (diffusers: no
+        ``time_cond_proj_dim``)."""
+        return self.guidance > 1.0 and not self.guidance_embedded
 
     @property
     def seeds(self) -> list[int]:
@@ -84,6 +88,7 @@ class Request:
             del params["sampler_options"]
         if self.emphasis == DEFAULT_EMPHASIS:  # as the WebUI's infotext: only when not default
             del params["emphasis"]
+        del params["guidance_embedded"]  # a property of the engines, not of the request
         return params
 
 
@@ -304,6 +309,7 @@ def build_request(
         eta=eta,
         sampler_options={**implied, **sampler_options},
         emphasis=emphasis,
+        guidance_embedded=bool(manifest.dims.time_cond_proj_dim),
     )
     check_size(manifest, height, width, batch, request.cfg)
     return request

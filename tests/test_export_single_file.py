@@ -1,7 +1,7 @@
 """Single-file (.safetensors, original Stable Diffusion key layout) export.
 
 There is no hub here, so the test writes its own single file: a tiny pipeline's weights renamed
-diffusers -> LDM (the inverse of diffusers' ``convert_ldm_*_checkpoint``), then checks that
+diffusers -> LDM (:mod:`ldm_layout`, the inverse of diffusers' converters), then checks that
 diffusers' converter restores them exactly and that the exported graphs compute what the
 original diffusers modules compute.
 """
@@ -12,86 +12,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from ldm_layout import clip_to_ldm, unet_to_ldm, vae_to_ldm
 from tiny_pipeline import make_tiny_pipeline
 
 from trt_sd.export import export_model
-
-_RESNET = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "time_emb_proj": "emb_layers.1",
-    "conv_shortcut": "skip_connection",
-}
-
-
-def _unet_prefixes(config) -> dict[str, str]:
-    """diffusers module prefix -> LDM prefix for an SD 1.x-layout UNet of any depth."""
-    n, per = len(config["block_out_channels"]), config["layers_per_block"]
-    up_attn = ["CrossAttn" in t for t in config["up_block_types"]]
-    out = {
-        "time_embedding.linear_1": "time_embed.0",
-        "time_embedding.linear_2": "time_embed.2",
-        "conv_in": "input_blocks.0.0",
-        "conv_norm_out": "out.0",
-        "conv_out": "out.2",
-        "mid_block.resnets.0": "middle_block.0",
-        "mid_block.attentions.0": "middle_block.1",
-        "mid_block.resnets.1": "middle_block.2",
-    }
-    for i in range(n):
-        for j in range(per):
-            out[f"down_blocks.{i}.resnets.{j}"] = f"input_blocks.{(per + 1) * i + j + 1}.0"
-            out[f"down_blocks.{i}.attentions.{j}"] = f"input_blocks.{(per + 1) * i + j + 1}.1"
-        for j in range(per + 1):
-            out[f"up_blocks.{i}.resnets.{j}"] = f"output_blocks.{(per + 1) * i + j}.0"
-            out[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{(per + 1) * i + j}.1"
-        if i < n - 1:
-            out[f"down_blocks.{i}.downsamplers.0.conv"] = f"input_blocks.{(per + 1) * (i + 1)}.0.op"
-            up = f"output_blocks.{(per + 1) * i + per}.{2 if up_attn[i] else 1}"
-            out[f"up_blocks.{i}.upsamplers.0"] = up
-    return out
-
-
-def unet_to_ldm(state, config):
-    prefixes = sorted(_unet_prefixes(config).items(), key=lambda kv: -len(kv[0]))
-    out = {}
-    for key, value in state.items():
-        hf, ldm = next((h, m) for h, m in prefixes if key.startswith(h + "."))
-        rest = key[len(hf) + 1 :]
-        if "resnets" in hf:
-            head, _, tail = rest.partition(".")
-            rest = f"{_RESNET.get(head, head)}.{tail}"
-        out[f"model.diffusion_model.{ldm}.{rest}"] = value
-    return out
-
-
-def vae_to_ldm(state, config):
-    n = len(config["block_out_channels"])
-    renames = [("mid_block.resnets.0.", "mid.block_1."), ("mid_block.resnets.1.", "mid.block_2.")]
-    renames += [("mid_block.attentions.0.", "mid.attn_1."), ("conv_shortcut", "nin_shortcut")]
-    renames += [("conv_norm_out", "norm_out")]
-    for i in range(n):
-        renames += [
-            (f"encoder.down_blocks.{i}.resnets.", f"encoder.down.{i}.block."),
-            (f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample."),
-            (f"decoder.up_blocks.{i}.resnets.", f"decoder.up.{n - 1 - i}.block."),
-            (f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{n - 1 - i}.upsample."),
-        ]
-    attn = [("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v.")]
-    attn += [("to_out.0.", "proj_out.")]
-    out = {}
-    for key, value in state.items():
-        for a, b in renames:
-            key = key.replace(a, b)
-        if "mid.attn_1." in key:
-            for a, b in attn:
-                key = key.replace("mid.attn_1." + a, "mid.attn_1." + b)
-            if key.endswith(".weight") and value.ndim == 2:  # LDM stores 1x1 convolutions
-                value = value.reshape(*value.shape, 1, 1)
-        out[f"first_stage_model.{key}"] = value
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +31,7 @@ def single_file(tmp_path_factory):
     text = CLIPTextModel.from_pretrained(folder / "text_encoder")
     state = unet_to_ldm(unet.state_dict(), unet.config)
     state.update(vae_to_ldm(vae.state_dict(), vae.config))
-    prefix = "cond_stage_model.transformer.text_model."
-    state.update({prefix + k.removeprefix("text_model."): v for k, v in text.state_dict().items()})
+    state.update(clip_to_ldm(text.state_dict(), "cond_stage_model.transformer."))
     path = root / "tiny-sd.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path, folder

@@ -17,22 +17,18 @@ from typing import Any
 import numpy as np
 
 from trt_sd.models import Component, NumericalError
-from trt_sd.models.descriptors import TEXT_ENCODER, UNET, VAE_DECODER
+from trt_sd.models.descriptors import UNET, VAE_DECODER
 
 from ..build_context import BuildContext
 from ..engine_build import build_tensorrt_engine
 from ..ort_attention import fuse_attention
 from ..stage_bar import StageBar
+from .conditioning import PromptEncoder, take
 from .ptq import calibrate
 from .qdq_graph import insert_qdq
 from .recipe import ResolvedRecipe
 from .report import MIN_MEAN_COSINE, accuracy_report, onnxruntime_unet_fn, report_plan
-from .trajectories import (
-    TextEncoder,
-    decode_images,
-    sample_trajectories,
-    torch_unet_fn,
-)
+from .trajectories import decode_images, sample_trajectories, torch_unet_fn
 
 STAGES = ("load", "calib", "ref", "qat", "export", "verify", "q/dq", "report")
 
@@ -160,7 +156,8 @@ def build_int8_unet(
     bar.stage("load")
     loader = builder.loader()
     wrapper = loader.wrapper(UNET, component)  # calibrated without residuals (zeros)
-    encoder = TextEncoder(ckpt, loader.wrapper(TEXT_ENCODER))
+    f = builder.shapes.vae_scale_factor
+    encoder = PromptEncoder(ckpt, loader, (shape[1] * f, shape[2] * f))
     judge = _digits_judge(ckpt.path) if ckpt.kind == "folder" else None
     plan = report_plan(
         int(recipe.report_images or 0),
@@ -171,8 +168,8 @@ def build_int8_unet(
         guidance=float(recipe.guidance or 0.0),
     )
     calib_embeddings = encoder(resolved.prompts)
-    uncond = encoder([""])[0]
-    report_embeddings = encoder(plan.prompts) if plan.prompts else calib_embeddings[:0]
+    uncond = encoder([""], negative=True)
+    report_embeddings = encoder(plan.prompts) if plan.prompts else take(calib_embeddings, [])
     del encoder
     lap("load")
 

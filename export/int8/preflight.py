@@ -60,7 +60,9 @@ def latent_shape(ckpt: Checkpoint, shapes: ShapeRange) -> tuple[int, int, int]:
 def estimate_bytes(ckpt: Checkpoint, resolved: ResolvedRecipe, shapes: ShapeRange) -> int:
     r = resolved.recipe
     dims = ckpt.dims
-    text = dims.text_max_length * dims.text_hidden_size
+    # every conditioning input of a row: context (both encoders' widths), pooled, time ids
+    width = dims.text_hidden_size + dims.text_hidden_size_2
+    text = dims.text_max_length * width + dims.text_pooled_size + dims.time_ids_size
     trajectories = int(r.calib_size or 0) + int(r.report_images or 0)
     steps = max(r.calib_steps, r.report_steps)
     captured = capture_bytes(trajectories, steps, latent_shape(ckpt, shapes), text)
@@ -89,10 +91,12 @@ def prepare_int8(
     backend: str,
 ) -> ResolvedRecipe:
     """Resolve the recipe for this model and backend and check memory (no torch import)."""
-    if "int8" not in ckpt.family_spec.features:  # calibration encodes prompts the SD way
+    if "int8" not in ckpt.family_spec.features:
         raise InputError(
             f"--precision int8 is not available for {ckpt.family_spec.label} models yet"
         )
+    if ckpt.dims.time_cond_proj_dim:  # calibration samples with CFG rows
+        raise InputError("--precision int8 is not available for LCM-distilled UNets yet")
     default_guidance = float(ckpt.defaults().get("guidance", 7.5))
     resolved = resolve_recipe(
         recipe,

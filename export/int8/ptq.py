@@ -10,7 +10,7 @@ with them are its distillation targets.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,8 +73,8 @@ def replay(unet_fn: UnetFn, trajectories: Trajectories, rows: int = REPLAY_ROWS)
 
 def calibrate(
     wrapper: nn.Module,
-    embeddings: np.ndarray,
-    uncond: np.ndarray,
+    conditioning: Mapping[str, np.ndarray],
+    uncond: Mapping[str, np.ndarray],
     scheduler_config: dict,
     resolved: ResolvedRecipe,
     latent_shape: tuple[int, ...],
@@ -94,7 +94,7 @@ def calibrate(
     with RangeObserver(unet, selection.quantized, outputs_of) as observer, torch.no_grad():
         trajectories = sample_trajectories(
             unet_fn,
-            embeddings,
+            conditioning,
             uncond,
             scheduler_config,
             latent_shape=latent_shape,

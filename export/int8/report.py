@@ -74,10 +74,10 @@ def onnxruntime_unet_fn(path: str | Path, component: Any = None) -> UnetFn:
 
     names = [i.name for i in session.get_inputs()]  # the UNet descriptor's, in its order
 
-    def run(sample: np.ndarray, timestep: np.ndarray, hidden: np.ndarray) -> np.ndarray:
-        feeds = dict(zip(names[:3], (sample, timestep, hidden), strict=True))
-        if len(names) > 3:
-            feeds.update(zero_inputs(component, names[3:], sample.shape))
+    def run(*inputs: np.ndarray) -> np.ndarray:
+        feeds = dict(zip(names, inputs, strict=False))  # the caller's inputs come first
+        if len(names) > len(inputs):  # ControlNet residuals: zeros (the plain UNet)
+            feeds.update(zero_inputs(component, names[len(inputs) :], inputs[0].shape))
         return np.asarray(session.run(None, feeds)[0], dtype=np.float32)
 
     return run

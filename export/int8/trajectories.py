@@ -6,22 +6,23 @@ halves included (TensorRT's diffusion recipe and Q-Diffusion calibrate across al
 the same reason: activation ranges drift strongly from the noisy to the clean end).
 
 The loop is diffusers' DPM++ 2M (``DPMSolverMultistepScheduler``, the checkpoint's own scheduler
-config) with classifier-free guidance as ``StableDiffusionPipeline`` applies it. ``unet_fn`` is
-any ``(sample, timestep, encoder_hidden_states) -> output`` on NumPy arrays, so the same loop
+config) with classifier-free guidance as diffusers' pipelines apply it. ``unet_fn`` is any
+``(sample, timestep, *conditioning) -> output`` on NumPy arrays (the UNet descriptor's inputs
+in order: SD's context; SDXL's context, pooled text embedding and time ids), so the same loop
 runs the fp32 torch UNet and an INT8 ONNX Runtime session from the same noise.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..checkpoint import Checkpoint
+from .conditioning import Conditioning, num_rows, stack, take
 
-UnetFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+UnetFn = Callable[..., np.ndarray]
 SAMPLER = "DPM++ 2M (diffusers DPMSolverMultistepScheduler, the checkpoint's scheduler config)"
 #: Latent pixels per chunk of trajectories sampled together (bounds the UNet batch).
 CHUNK_LATENT_PIXELS = 4096
@@ -36,8 +37,8 @@ class Trajectories:
 
     samples: np.ndarray  # (N, C, h, w) float32
     timesteps: np.ndarray  # (N,) float32
-    text_index: np.ndarray  # (N,) int64, row of ``text_table``
-    text_table: np.ndarray  # (P, tokens, hidden) float32
+    text_index: np.ndarray  # (N,) int64, row of each ``text_table`` input
+    text_table: Conditioning  # {UNet conditioning input: (P, ...) float32}, row 0 = uncond
     step_index: np.ndarray  # (N,) int64, 0 = first (noisiest) step
     outputs: np.ndarray  # (N, C, h, w) float32, the UNet output for the row
     final_latents: np.ndarray  # (B, C, h, w), one per trajectory
@@ -45,40 +46,19 @@ class Trajectories:
     def __len__(self) -> int:
         return len(self.timesteps)
 
-    def inputs(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The UNet inputs of ``rows`` in the UNet descriptor's order (sample, timestep, text
-        hidden states): what the wrapper, the ONNX graph and a UnetFn take positionally."""
-        return (
-            self.samples[rows],
-            self.timesteps[rows],
-            self.text_table[self.text_index[rows]],
-        )
-
-
-class TextEncoder:
-    """Prompts -> CLIP hidden states with the checkpoint's tokenizer and the fp32 encoder."""
-
-    def __init__(self, ckpt: Checkpoint, module: torch.nn.Module) -> None:
-        from transformers import CLIPTokenizer
-
-        self.tokenizer = CLIPTokenizer.from_pretrained(str(ckpt.config_dir / "tokenizer"))
-        self.max_length = ckpt.dims.text_max_length
-        self.module = module
-
-    @torch.no_grad()
-    def __call__(self, prompts: Sequence[str]) -> np.ndarray:
-        ids = self.tokenizer(
-            list(prompts), padding="max_length", max_length=self.max_length, truncation=True
-        ).input_ids
-        return self.module(torch.tensor(ids, dtype=torch.int32)).float().numpy()
+    def inputs(self, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The UNet inputs of ``rows`` in the UNet descriptor's order (sample, timestep, then
+        the conditioning): what the wrapper, the ONNX graph and a UnetFn take positionally."""
+        text = take(self.text_table, self.text_index[rows])
+        return (self.samples[rows], self.timesteps[rows], *text.values())
 
 
 def torch_unet_fn(module: torch.nn.Module) -> UnetFn:
     """Wrap the descriptor-shaped UNet module as a NumPy function."""
 
     @torch.no_grad()
-    def run(sample: np.ndarray, timestep: np.ndarray, hidden: np.ndarray) -> np.ndarray:
-        out = module(torch.from_numpy(sample), torch.from_numpy(timestep), torch.from_numpy(hidden))
+    def run(*inputs: np.ndarray) -> np.ndarray:
+        out = module(*(torch.from_numpy(np.ascontiguousarray(v)) for v in inputs))
         return out.float().numpy()
 
     return run
@@ -92,8 +72,8 @@ def trajectory_noise(seed: int, index: int, shape: Sequence[int]) -> np.ndarray:
 
 def sample_trajectories(
     unet_fn: UnetFn,
-    embeddings: np.ndarray,
-    uncond: np.ndarray,
+    conditioning: Mapping[str, np.ndarray],
+    uncond: Mapping[str, np.ndarray],
     scheduler_config: dict,
     *,
     latent_shape: Sequence[int],
@@ -103,13 +83,13 @@ def sample_trajectories(
     capture: bool = True,
     on_chunk: Callable[[int], None] | None = None,
 ) -> Trajectories:
-    """Sample one trajectory per row of ``embeddings`` (``(B, tokens, hidden)``) with CFG
-    against ``uncond`` (``(tokens, hidden)``, the empty prompt)."""
+    """Sample one trajectory per row of ``conditioning`` (``{UNet input: (B, ...)}``) with CFG
+    against ``uncond`` (the same inputs, one row: the empty negative prompt)."""
     from diffusers import DPMSolverMultistepScheduler
 
-    total = len(embeddings)
+    total = num_rows(conditioning)
     chunk = max(1, CHUNK_LATENT_PIXELS // int(np.prod(latent_shape[1:])))
-    table = np.concatenate([uncond[None], embeddings]).astype(np.float32)
+    table = stack(uncond, conditioning)
     rows: dict[str, list[np.ndarray]] = {k: [] for k in ("x", "t", "txt", "step", "out")}
     finals = []
     for start in range(0, total, chunk):
@@ -119,12 +99,12 @@ def sample_trajectories(
         noise = np.stack([trajectory_noise(seed, int(i), latent_shape) for i in index])
         latents = torch.from_numpy(noise) * scheduler.init_noise_sigma
         text_rows = np.concatenate([np.zeros(len(index), np.int64), index + 1])
-        hidden = table[text_rows]
+        text = tuple(take(table, text_rows).values())
         for step, t in enumerate(scheduler.timesteps):
             x_in = scheduler.scale_model_input(latents, t).float().numpy()
             x2 = np.concatenate([x_in, x_in])
             t2 = np.full((len(x2),), float(t), dtype=np.float32)
-            out = unet_fn(x2, t2, hidden)
+            out = unet_fn(x2, t2, *text)
             uncond_out, cond_out = np.split(out, 2)
             guided = uncond_out + guidance * (cond_out - uncond_out)
             latents = scheduler.step(torch.from_numpy(guided), t, latents).prev_sample

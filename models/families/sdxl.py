@@ -151,6 +151,7 @@ SDXL = FamilySpec(
     settings={"force_zeros_for_empty_prompt": True},
     options=OPTIONS,
     resolve_options=resolve_sdxl_options,
-    features=frozenset({"split_unet", "deepcache", "controlnet"}),
+    features=frozenset({"int8", "split_unet", "deepcache", "controlnet"}),
     latent_space="sdxl",
+    single_file_text=("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."),
 )

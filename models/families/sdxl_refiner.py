@@ -139,5 +139,6 @@ SDXL_REFINER = FamilySpec(
     resolve_options=resolve_refiner_options,
     features=frozenset({"split_unet", "deepcache"}),
     latent_space="sdxl",
+    single_file_text=("conditioner.embedders.0.model.",),
     settings={"force_zeros_for_empty_prompt": True, "requires_aesthetics_score": True},
 )

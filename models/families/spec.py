@@ -61,11 +61,15 @@ class PromptRows:
     negative: tuple[bool, ...]  # the row is a negative (unconditional) prompt
     sizes: tuple[tuple[int, int], ...]  # (height, width) of the row's image
     options: tuple[Mapping[str, Any], ...]  # the row's request's resolved family options
+    #: the row's request's guidance scale (an LCM-distilled UNet embeds it; () = not given)
+    guidance: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         n = len(self.texts)
         if not len(self.negative) == len(self.sizes) == len(self.options) == n:
             raise ValueError("PromptRows fields must have one entry per row")
+        if len(self.guidance) not in (0, n):
+            raise ValueError("PromptRows.guidance must have one entry per row (or none)")
 
     @classmethod
     def for_request(
@@ -75,11 +79,14 @@ class PromptRows:
         cfg: bool,
         size: tuple[int, int],
         options: Mapping[str, Any],
+        guidance: float | None = None,
     ) -> PromptRows:
         """A request's rows in diffusers' order: negatives first when CFG is on."""
         texts = (*negative_prompts, *prompts) if cfg else tuple(prompts)
         negative = (True,) * len(negative_prompts) * cfg + (False,) * len(prompts)
-        return cls(tuple(texts), negative, (size,) * len(texts), (options,) * len(texts))
+        n = len(texts)
+        scale = () if guidance is None else (float(guidance),) * n
+        return cls(tuple(texts), negative, (size,) * n, (options,) * n, scale)
 
     def __add__(self, other: PromptRows) -> PromptRows:
         return PromptRows(
@@ -87,6 +94,7 @@ class PromptRows:
             self.negative + other.negative,
             self.sizes + other.sizes,
             self.options + other.options,
+            self.guidance + other.guidance if self.guidance and other.guidance else (),
         )
 
 
@@ -117,6 +125,9 @@ class FamilySpec:
     #: pipeline settings read from ``model_index.json`` (with these defaults) into the
     #: manifest's ``family_config``
     settings: Mapping[str, Any] = field(default_factory=dict)
+    #: key prefixes its text encoders have in a single ``.safetensors`` file's original
+    #: (LDM / SGM) layout, all required: a file of another family is refused with one line
+    single_file_text: tuple[str, ...] = ("cond_stage_model.",)
 
     @property
     def component_names(self) -> tuple[str, ...]:

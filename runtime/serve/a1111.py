@@ -99,6 +99,9 @@ _MAPPED = (
     "override_settings", "send_images",
 )  # fmt: skip
 WEBUI_DEFAULT_SAMPLER = "Euler"  # the API's sampler_index default
+#: the WebUI's "Emphasis mode" option (``override_settings.emphasis``; the names of
+#: ``modules/sd_emphasis.py``) -> our ``emphasis`` modes
+WEBUI_EMPHASIS = {"Original": "original", "No norm": "no_norm", "Ignore": "ignore", "None": "none"}
 
 
 async def handle(front: Front, request: Request, path: str) -> Reply:
@@ -166,9 +169,9 @@ def _model_for(front: Front, data: dict[str, Any]) -> ModelEntry:
     for key, value in overrides.items():
         if key == "CLIP_stop_at_last_layers" and value in (1, None):
             continue
-        if key != "sd_model_checkpoint":
+        if key not in ("sd_model_checkpoint", "emphasis"):
             raise FieldError(
-                f"override_settings.{key} is not supported; allowed: sd_model_checkpoint"
+                f"override_settings.{key} is not supported; allowed: sd_model_checkpoint, emphasis"
             )
     name = overrides.get("sd_model_checkpoint")
     if name is None:
@@ -180,6 +183,19 @@ def _model_for(front: Front, data: dict[str, Any]) -> ModelEntry:
             f"choose one of {model_titles(front)}"
         )
     return model
+
+
+def _emphasis(data: dict[str, Any]) -> str | None:
+    """``override_settings.emphasis`` (the WebUI's option names) -> our mode; None = unset."""
+    value = (data.get("override_settings") or {}).get("emphasis")
+    if value is None:
+        return None
+    if value not in WEBUI_EMPHASIS:
+        raise FieldError(
+            f"override_settings.emphasis {value!r} is not an emphasis mode; allowed: "
+            f"{', '.join(WEBUI_EMPHASIS)}"
+        )
+    return WEBUI_EMPHASIS[value]
 
 
 def _sampler(data: dict[str, Any]) -> str:
@@ -253,6 +269,8 @@ def engine_requests(
     }  # fmt: skip
     if data.get("eta") is not None and _takes_eta(sampler):
         common["eta"] = data["eta"]
+    if (emphasis := _emphasis(data)) is not None:
+        common["emphasis"] = emphasis
     if img2img:
         common["strength"] = data.get("denoising_strength", 0.75)
     requests = []

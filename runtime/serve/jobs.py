@@ -85,7 +85,7 @@ class Job:
         """Its text-encoder rows (negative first with CFG)."""
         req = self.req
         return PromptRows.for_request(
-            req.prompts, req.negative_prompts, req.cfg, self.size, self.options
+            req.prompts, req.negative_prompts, req.cfg, self.size, self.options, req.guidance
         )
 
     @property

@@ -5,8 +5,9 @@ What the ``openai`` package sends and parses: JSON (generations) or multipart (e
 ``{"error": {"message", "type", "param", "code"}}``. ``response_format="url"`` is refused
 (this server stores no files); images are always PNG. ``model`` names one of the served
 engine directories (``GET /v1/models`` lists them). Extensions beyond OpenAI's fields:
-``negative_prompt``, ``seed``, ``steps``, ``sampler``, ``guidance`` and, for edits,
-``strength``.
+``negative_prompt``, ``seed``, ``steps``, ``sampler``, ``guidance``, ``emphasis`` (how
+``(word:1.3)`` weights apply: ``original``, ``no_norm``, ``ignore``, ``none``) and, for
+edits, ``strength``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from trt_sd.models.errors import InputError
+from trt_sd.runtime.prompt_chunks import EMPHASIS_MODES
 
 from .b64images import image_from_bytes
 from .catalog import ModelEntry
@@ -39,7 +41,7 @@ _IGNORED = {  # OpenAI fields that do not change a PNG from these engines -> acc
     "stream": (False,),
     "input_fidelity": None,
 }
-_EXTENSIONS = ("negative_prompt", "seed", "steps", "sampler", "guidance")
+_EXTENSIONS = ("negative_prompt", "seed", "steps", "sampler", "guidance", "emphasis")
 
 
 class ApiError(InputError):
@@ -173,7 +175,13 @@ async def _generate(front: Front, fields: dict[str, Any], image: Any) -> Reply:
         "width": width,
         "height": height,
     }
-    for key in ("steps", "sampler", "guidance"):
+    emphasis = fields.get("emphasis")
+    if emphasis is not None and emphasis not in EMPHASIS_MODES:
+        raise ApiError(
+            f"emphasis {emphasis!r} is not an emphasis mode; allowed: {', '.join(EMPHASIS_MODES)}",
+            "emphasis",
+        )
+    for key in ("steps", "sampler", "guidance", "emphasis"):
         if fields.get(key) is not None:
             common[key] = steps if key == "steps" else fields[key]
     if image is not None:
