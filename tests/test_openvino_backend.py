@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from runtime_engines import tiny_engines
 
-from trt_sd.models.descriptors import Component, all_components
+from trt_sd.models.descriptors import Component, Range, all_components
 from trt_sd.models.errors import BackendUnavailableError, InputError
 from trt_sd.models.manifest import Manifest
 from trt_sd.runtime import backends
@@ -158,6 +158,24 @@ def test_auto_keeps_small_engines_on_onnxruntime(cpu_only) -> None:
     cpu_only.setattr(openvino, "openvino_installed", lambda: True)
     assert resolve_backend("auto", _entry(size=12 * 2**20)) == "onnxruntime-cpu"
     assert resolve_backend("openvino", _entry(size=12 * 2**20)) == "openvino"
+
+
+def test_auto_ignores_the_batch_range(cpu_only) -> None:
+    """``auto`` decides per engine, not per call or per batch range: a small engine built for
+    50-image calls stays on ONNX Runtime (2-row calls, the common case, are 1.5x slower in
+    OpenVINO; 16-100-row calls only ~12% faster; docs/benchmarks.md "## CPU peers, session
+    2"), and an SD-size engine built for batch 1 goes to OpenVINO. Switching library by rows
+    would make an image depend on what it was batched with (bf16 vs fp32 arithmetic)."""
+    cpu_only.setattr(backends, "cpu_bf16", lambda: True)
+    cpu_only.setattr(openvino, "openvino_installed", lambda: True)
+    entry = _entry(size=12 * 2**20)
+    big_batch = dataclasses.replace(entry.shape_range, batch=Range(1, 25, 50))
+    assert resolve_backend("auto", dataclasses.replace(entry, shape_range=big_batch)) == (
+        "onnxruntime-cpu"
+    )
+    one = dataclasses.replace(entry.shape_range, batch=Range(1, 1, 1))
+    sd = dataclasses.replace(_entry(), shape_range=one)
+    assert resolve_backend("auto", sd) == "openvino"
 
 
 def test_auto_never_hands_tensorrt_engines_to_openvino(cpu_only) -> None:
