@@ -2,6 +2,7 @@
 
     nice python bench/bench_cpu_peers.py unet --engines DIR --model DIR --sizes 256,512 --rounds 5
     nice python bench/bench_cpu_peers.py e2e --engines DIR --model DIR --size 256 --steps 10
+    python bench/bench_cpu_peers.py rows --engines DIR --size 32 --rows 2,8,32,100
 
 Contenders, all on the same engine directory (the fp32 graphs ``trt-sd export`` writes for ONNX
 Runtime; OpenVINO reads them as they are):
@@ -22,7 +23,13 @@ Runtime; OpenVINO reads them as they are):
 each round so a change in machine load hits all alike; reports medians, per-round ratios to the
 best peer, GFLOP per call (counted from the graph: Convolution, MatMul, attention) and the share
 of this machine's bf16 and fp32 matmul peaks (a 2048² MatMul in OpenVINO, measured in the same
-rounds). ``e2e``: whole generations (DPM++ 2M, CFG 7.5, same prompt) alternating the same way.
+rounds); ``--int8-engines DIR`` adds the INT8 directory of the same model on ``auto``, ONNX
+Runtime, trt-sd's ``openvino`` and OpenVINO's defaults, and ``--ab`` trt-sd's backend with
+OpenVINO's settings (settings vs wrapper). ``e2e``: whole generations (DPM++ 2M, CFG 7.5, same
+prompt) alternating the same way, with each pipeline's per-component seconds and its host time
+(sampler, casts, image conversion). ``rows``: trt-sd's ONNX Runtime and OpenVINO backends at
+several rows per call (where a batch-aware ``auto`` would flip). Contenders rotate their order
+each round.
 The 1-minute load average is printed before and after: the machine may be shared.
 """
 
