@@ -6,11 +6,12 @@
    (module :data:`TENSORRT_MODULE`, written by the TensorRT work) says it can serve the file;
 2. ONNX Runtime with the CUDA provider, when onnxruntime-gpu is installed and a GPU is present;
 3. OpenVINO in bf16 (``openvino``), when it is installed, the CPU computes bf16 natively
-   (:func:`.hardware.cpu_bf16`) and the engine is an fp32 ONNX graph of SD size
-   (:data:`OPENVINO_AUTO_MIN_BYTES`): there it runs the UNet
-   ~1.5x faster than ONNX Runtime at the same prompt accuracy (docs/benchmarks.md "## CPU
-   peers", docs/quality.md "## bf16 on the CPU"). Without native bf16 OpenVINO's fp32 is no
-   faster than ONNX Runtime's, so ONNX Runtime stays;
+   (:func:`.hardware.cpu_bf16`) and the engine is an fp32 or INT8 ONNX graph of SD size
+   (:data:`OPENVINO_AUTO_PRECISIONS`, :data:`OPENVINO_AUTO_MIN_BYTES`): there it runs the
+   fp32 UNet ~1.5x faster than ONNX Runtime at the same prompt accuracy, and the INT8 one
+   ~10-20% faster than ONNX Runtime's int8 kernels (docs/benchmarks.md "## CPU peers" and
+   "## CPU peers, session 2", docs/quality.md "## bf16 on the CPU"). Without native bf16
+   OpenVINO's fp32 is no faster than ONNX Runtime's, so ONNX Runtime stays;
 4. ONNX Runtime on the CPU.
 
 The TensorRT hook is a module, not a hard import, so the runtime works (and this choice stays
@@ -47,8 +48,11 @@ BACKEND_CHOICES = (
 #: What a TensorRT-RTX engine needs to run (its targets; Hopper 9.x is not among them).
 RTX_GPUS = "an RTX-class NVIDIA GPU (compute capability 8.0, 8.6, 8.9 or 12.x)"
 OPENVINO_KINDS = ("openvino", "openvino-fp32", "openvino-bf16")
-#: engine precisions ``auto`` hands to OpenVINO on bf16 CPUs (see :func:`openvino_wins`)
-OPENVINO_AUTO_PRECISIONS = ("fp32",)
+#: engine precisions ``auto`` hands to OpenVINO on bf16 CPUs (see :func:`openvino_wins`): fp32
+#: (bf16 arithmetic, ~0.5x ONNX Runtime per SD 1.5 UNet call) and INT8 Q/DQ graphs (OpenVINO's
+#: int8 kernels with bf16 between them: ~0.8-0.9x ONNX Runtime's int8 per call, same quality
+#: on the bundled model; docs/benchmarks.md "## CPU peers, session 2"). fp16 graphs stay.
+OPENVINO_AUTO_PRECISIONS = ("fp32", "int8")
 #: Smallest engine (bytes, weights included) ``auto`` hands to OpenVINO: on the bundled model's
 #: 12 MB UNet a call is per-call overhead, and ONNX Runtime's is lower (0.014 vs 0.024 s per
 #: CFG call, docs/benchmarks.md "## CPU peers"); SD-size components (>= 100 MB) are compute.
@@ -100,7 +104,7 @@ def _tensorrt_serves(entry: ComponentEntry) -> bool:
 
 
 def openvino_wins(entry: ComponentEntry) -> bool:
-    """``auto``'s CPU choice: OpenVINO for fp32 ONNX graphs of at least
+    """``auto``'s CPU choice: OpenVINO for fp32 and INT8 ONNX graphs of at least
     :data:`OPENVINO_AUTO_MIN_BYTES` on CPUs with native bf16, when it is installed (checked
     without importing it)."""
     from .openvino import openvino_installed

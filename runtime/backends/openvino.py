@@ -20,6 +20,12 @@ Settings, and why: intra-op threads from :func:`.onnxruntime.intra_op_threads` (
 since a generation is a chain of dependent calls; dynamic shapes as the manifest allows, one
 compiled model for every size. ``openvino`` is imported when a backend is created, never at
 ``import trt_sd.runtime``.
+
+Compiling is the load's cost (SD 1.5 UNet in bf16: 15.6 s at load ~7, docs/benchmarks.md "## CPU
+peers, session 2"); the CPU cache switch ONNX Runtime uses (``TRT_SD_ORT_CACHE``, ``--ort-cache``,
+:mod:`.ort_cache`) also turns on OpenVINO's own compiled-model cache in its ``openvino/``
+subfolder: 3.4 s to load the UNet from it, for 3.3 GB of disk. OpenVINO keys its entries by
+model, settings and device itself.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from trt_sd.models.descriptors import Component
 from trt_sd.models.errors import BackendUnavailableError, InputError, ManifestError
 from trt_sd.models.manifest import ComponentEntry
 
+from . import ort_cache
 from .base import EngineBackend
 from .hardware import cpu_bf16
 
@@ -103,8 +110,11 @@ class OpenVinoBackend(EngineBackend):
                 "PERFORMANCE_HINT": "LATENCY",
                 "NUM_STREAMS": 1,
             }
+        cache = ort_cache.cache_dir()  # InputError for a bad setting, as ONNX Runtime's
         try:
             core = ov.Core()
+            if cache is not None:
+                core.set_property({"CACHE_DIR": str(cache / "openvino")})
             self.compiled = core.compile_model(str(path), "CPU", config)
         except Exception as e:  # OpenVINO raises RuntimeError subclasses with long traces
             text = str(e).strip()
