@@ -79,9 +79,13 @@ def test_any_body_parses_or_is_an_input_error(body: bytes) -> None:
     except InputError:
         return
     image = kwargs.pop("image", None)  # the replica decodes it, the engine passes img2img on
+    mask = kwargs.pop("mask", None)  # inpainting: decoded like the image
+    for engine_field in ("mask_blur", "loras"):  # checked by the engine, not build_request
+        kwargs.pop(engine_field, None)
     with contextlib.suppress(InputError):
-        if image is not None:
-            decode_image(image, "image")
+        for value, what in ((image, "image"), (mask, "mask")):
+            if value is not None:
+                decode_image(value, what)
         build_request(MANIFEST, resolve_sampler, **{**ARGS, **kwargs, "img2img": image is not None})
 
 
