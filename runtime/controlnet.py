@@ -16,7 +16,6 @@ rows that use it at this step and feeds zeros elsewhere (the UNet then is the pl
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from trt_sd.models.errors import InputError
 from trt_sd.models.manifest import Manifest
 from trt_sd.models.unet_stages import resolve_axis
 
-from .images import check_pixels, open_image
+from .images import open_rgb
 
 
 def plan_of(manifest: Manifest) -> ControlNetPlan | None:
@@ -86,29 +85,7 @@ def load_control_image(image: Any, width: int, height: int) -> np.ndarray:
     """A control image (path, PIL image or HxWx3 uint8 array) -> (1, 3, H, W) float32 in
     [0, 1], refused unless it is exactly ``width`` x ``height`` (it is used as it is: no
     resizing, no preprocessing)."""
-    from PIL import Image
-
-    if isinstance(image, str | os.PathLike | bytes):
-        with open_image(image, "control image") as im:
-            try:
-                pil = im.convert("RGB")
-            except (OSError, ValueError) as e:
-                raise InputError(f"control image is not a readable image: {e}") from None
-    elif isinstance(image, Image.Image):
-        check_pixels(image.size, "control image", "(PIL image)")
-        pil = image.convert("RGB")
-    elif isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
-            raise InputError(
-                f"control image array must be HxWx3 (or HxWx4) uint8, got {image.shape} "
-                f"{image.dtype}"
-            )
-        pil = Image.fromarray(np.ascontiguousarray(image[:, :, :3]), "RGB")
-    else:
-        raise InputError(
-            "control image must be a path, a PIL image or a uint8 array, not "
-            f"{type(image).__name__}"
-        )
+    pil = open_rgb(image, "control image")
     if pil.size != (width, height):
         raise InputError(
             f"control image is {pil.size[0]}x{pil.size[1]}; the image is {width}x{height}: "

@@ -76,32 +76,40 @@ def to_uint8(images: np.ndarray) -> list[np.ndarray]:
     return [np.ascontiguousarray(img) for img in x]
 
 
+def open_rgb(image: Any, what: str, kind: str | None = None) -> Any:
+    """A path, PIL image or HxWx3/HxWx4 uint8 array -> an RGB PIL image, every way in under
+    the same pixel ceilings and one-line errors (``what`` names it; ``kind``: the word for the
+    wrong-type message, default ``what``)."""
+    from PIL import Image
+
+    if isinstance(image, str | os.PathLike | bytes):
+        with open_image(image, what) as im:
+            try:
+                return im.convert("RGB")
+            except (OSError, ValueError) as e:  # truncated pixel data
+                raise InputError(f"{what} is not a readable image: {e}") from None
+    if isinstance(image, Image.Image):
+        check_pixels(image.size, what, "(PIL image)")
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
+            raise InputError(
+                f"{what} array must be HxWx3 (or HxWx4) uint8, got {image.shape} {image.dtype}"
+            )
+        check_pixels((image.shape[1], image.shape[0]), what, "(array)")
+        return Image.fromarray(np.ascontiguousarray(image[:, :, :3]), "RGB")
+    raise InputError(
+        f"{kind or what} must be a path, a PIL image or a uint8 array, not {type(image).__name__}"
+    )
+
+
 def load_image(image: Any, width: int, height: int) -> np.ndarray:
     """An init image (path, PIL image or HxWx3/HxWx4 uint8 array) -> (1, 3, H, W) float32 in
     [-1, 1], resized with Lanczos to ``width`` x ``height`` when its size differs (as
     diffusers' ``VaeImageProcessor`` resizes)."""
     from PIL import Image
 
-    if isinstance(image, str | os.PathLike | bytes):
-        with open_image(image, "init image") as im:
-            try:
-                pil = im.convert("RGB")
-            except (OSError, ValueError) as e:  # truncated pixel data
-                raise InputError(f"init image is not a readable image: {e}") from None
-    elif isinstance(image, Image.Image):
-        check_pixels(image.size, "init image", "(PIL image)")
-        pil = image.convert("RGB")
-    elif isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
-            raise InputError(
-                f"init image array must be HxWx3 (or HxWx4) uint8, got {image.shape} {image.dtype}"
-            )
-        check_pixels((image.shape[1], image.shape[0]), "init image", "(array)")
-        pil = Image.fromarray(image[:, :, :3], "RGB")
-    else:
-        raise InputError(
-            f"image must be a path, a PIL image or a uint8 array, not {type(image).__name__}"
-        )
+    pil = open_rgb(image, "init image", kind="image")
     if pil.size != (width, height):
         pil = pil.resize((width, height), resample=Image.Resampling.LANCZOS)
     x = np.asarray(pil, dtype=np.float32) / 255.0
