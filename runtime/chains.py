@@ -18,6 +18,7 @@ from trt_sd.models.descriptors import UNET
 
 from .denoise import take_rows
 from .multidevice import StagedUNet
+from .sampling_loop import denoise
 
 
 def run_chains(
@@ -57,7 +58,8 @@ def run_chains(
         rows = take_rows(conditioning, lo, hi, req.batch, req.cfg)
         try:
             with unet.micro_batching(micro):
-                results[c] = pipe._denoise(
+                results[c] = denoise(
+                    pipe,
                     sub,
                     pipe.make_stepper(sub),
                     x[lo:hi],

@@ -23,22 +23,23 @@ from trt_sd.models.families import PromptRows
 from trt_sd.models.integrity import verify_components
 from trt_sd.models.manifest import Manifest
 from trt_sd.models.paths import default_engine_dir
-from trt_sd.models.unet_stages import UNET_SHALLOW
 
 from .backends import EngineBackend, create_backend
+from .call_inputs import prepare_call
 from .chains import run_chains
 from .conditioning import TextConditioner, load_tokenizers
-from .controlnet import attach_controlnets, controlnet_components, fill_size, resolve_control
+from .controlnet import attach_controlnets, controlnet_components
 from .deepcache import DeepCacheConfig, DeepCacheState, deepcache_components, resolve_deepcache
-from .denoise import DenoiseStep, Lane, check_latents, unet_overflow_hint
+from .denoise import DenoiseStep, check_latents, unet_overflow_hint
 from .handoff import end_calls, prepare_handoff
-from .images import image_size, load_image, to_uint8
-from .inpaint import InpaintInput, inpaint_strength
+from .images import to_uint8
+from .inpaint import inpaint_strength
 from .lora import LoraSupport, apply_loras, lora_params
 from .multidevice import StagedUNet, place
 from .noise import request_noise, sampler_noise_fn
-from .progress import ProgressArg, progress_reporter
-from .request import DEFAULT_SAMPLER, Request, build_request
+from .progress import ProgressArg
+from .request import DEFAULT_SAMPLER, Request
+from .sampling_loop import denoise
 from .tokenizer import ClipTokenizer
 from .vae import check_finite, encode_image
 
@@ -227,19 +228,21 @@ class Pipeline:
         cache_config = (
             self.deepcache if deepcache is None else resolve_deepcache(self.manifest, deepcache)
         )
-        if latents is not None and np.ndim(latents) == 4 and (height is None or width is None):
-            factor = self.manifest.dims.vae_scale_factor
-            height = np.shape(latents)[2] * factor if height is None else height
-            width = np.shape(latents)[3] * factor if width is None else width
-        height, width = fill_size(control_image, height, width)
-        if image is not None and (height is None or width is None):
-            size = image_size(image)
-            if size is not None:
-                width = size[0] if width is None else width
-                height = size[1] if height is None else height
-        req = build_request(
-            self.manifest,
+        call = prepare_call(
+            self,
             resolve_sampler,
+            height=height,
+            width=width,
+            latents=latents,
+            image=image,
+            handed_latents=handed is not None,
+            mask=mask,
+            mask_blur=mask_blur,
+            control_image=control_image,
+            controlnet_scale=controlnet_scale,
+            control_start=control_start,
+            control_end=control_end,
+            options=options,
             prompt=prompt,
             negative_prompt=negative_prompt,
             sampler=sampler,
@@ -247,25 +250,16 @@ class Pipeline:
             guidance=guidance,
             guidance_rescale=guidance_rescale,
             seed=seed,
-            height=height,
-            width=width,
             batch=batch,
-            img2img=image is not None or handed is not None,
             strength=strength,
             karras=karras,
             eta=eta,
             sampler_options=sampler_options or {},
             emphasis=emphasis,
         )
-        family_options = self.family.check_options(options, req.height, req.width)
-        control = resolve_control(
-            self.controlnet, control_image, controlnet_scale, control_start, control_end, req
-        )
+        req, family_options, control = call.req, call.options, call.control
+        init_image, inpaint = call.init_image, call.inpaint
         noise = self._initial_noise(req, latents)
-        init_image = load_image(image, req.width, req.height) if image is not None else None
-        inpaint = None
-        if mask is not None:
-            inpaint = InpaintInput.load(image, mask, init_image, req.width, req.height, mask_blur)
         timings: dict[str, float] = {}
         stepper = self._stepper(req)
         conditioning = self._encode_text(req, family_options, timings)
@@ -291,8 +285,8 @@ class Pipeline:
         if isinstance(self.engines[UNET], StagedUNet) and req.batch > 1 and inpaint is None:
             x = run_chains(self, req, x, conditioning, timings, progress, calls)
         else:
-            x = self._denoise(
-                req, stepper, x, conditioning, timings, progress, cache, calls, control
+            x = denoise(
+                self, req, stepper, x, conditioning, timings, progress, cache, calls, control
             )
         images = self._decode(x, timings) if output_type == "image" else []
         timings["total"] = time.perf_counter() - start
@@ -379,19 +373,6 @@ class Pipeline:
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
         return outputs
 
-    def _run_unet(
-        self, i: int, feeds: dict[str, Any], timings: dict[str, float], cache: Any
-    ) -> dict:
-        """UNet call ``i``: the plain UNet, or DeepCache's full / shallow UNet."""
-        if cache is None:
-            return self._run(UNET, feeds, timings)
-        full, shallow = self.engines[UNET], self.engines[UNET_SHALLOW]
-        keep = full.kind == shallow.kind != "onnxruntime-cpu"  # the feature stays on the GPU
-        t0 = time.perf_counter()
-        outputs = cache.run(i, feeds, full, shallow, keep=keep)
-        timings[UNET] = timings.get(UNET, 0.0) + time.perf_counter() - t0
-        return outputs
-
     def _cache_feature(self) -> str:
         return deepcache_components(self.manifest)[UNET].output_names[1]
 
@@ -423,41 +404,6 @@ class Pipeline:
     ) -> np.ndarray:
         """Init image -> latents, one posterior sample per batch entry (:mod:`.vae`)."""
         return encode_image(self, req.seeds, image, timings)
-
-    def _denoise(
-        self,
-        req: Request,
-        stepper: Any,
-        x: np.ndarray,
-        conditioning: dict[str, Any],
-        timings: dict[str, float],
-        progress: ProgressArg,
-        cache: DeepCacheState | None = None,
-        calls: int | None = None,
-        control: Any = None,
-    ) -> np.ndarray:
-        """The sampler loop over :class:`DenoiseStep` (one lane: this request's rows);
-        ``calls``: stop after that many model calls (``denoising_end``); ``control``: the
-        request's ControlNet images and scales."""
-        step = self.denoise_step
-        total = stepper.num_model_calls if calls is None else calls
-        bar = progress_reporter(progress, total)
-        # Overflow is caught and named (the component, or the sampler's latents); NumPy's
-        # RuntimeWarnings would only add noise beside that one line.
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            try:
-                for i in range(total):
-                    x_in = np.asarray(stepper.scale_model_input(x, i), dtype=np.float32)
-                    ctl = control.at(i, stepper.num_model_calls) if control else None
-                    lane = Lane(x_in, stepper.timesteps[i], req.cfg, conditioning, ctl)
-                    outputs = self._run_unet(i, step.feeds([lane], timings), timings, cache)
-                    x = step.advance(req, stepper, i, x, step.output(outputs, i, total, x_in))
-                    if bar is not None:
-                        bar(i + 1, total)
-            finally:
-                if bar is not None:
-                    bar(-1, total)
-        return np.asarray(x, dtype=np.float32)
 
     def _decode(self, x: np.ndarray, timings: dict[str, float]) -> list[np.ndarray]:
         spec = self.components[VAE_DECODER]

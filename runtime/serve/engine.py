@@ -41,14 +41,13 @@ import numpy as np
 
 from trt_sd.models.descriptors import UNET, VAE_DECODER
 from trt_sd.models.errors import InputError, TrtSdError
-from trt_sd.runtime.controlnet import fill_size, resolve_control
+from trt_sd.runtime.call_inputs import prepare_call
 from trt_sd.runtime.denoise import Lane, split_rows
-from trt_sd.runtime.images import image_size, load_image
-from trt_sd.runtime.inpaint import InpaintInput, inpaint_strength
+from trt_sd.runtime.inpaint import inpaint_strength
 from trt_sd.runtime.lora import apply_loras, lora_params
 from trt_sd.runtime.noise import initial_noise
 from trt_sd.runtime.pipeline import Pipeline, resolve_sampler
-from trt_sd.runtime.request import DEFAULT_SAMPLER, build_request
+from trt_sd.runtime.request import DEFAULT_SAMPLER
 
 from .jobs import (
     DEFAULT_MAX_QUEUE,
@@ -166,17 +165,22 @@ class BatchingEngine:
         ``Pipeline.__call__``; they travel with the request's rows (per-row scales).
         ``loras`` / ``<lora:name:w>`` in the prompt: LoRAs from the server's folder
         (:mod:`.lora_requests`); requests with different sets never share a UNet call."""
-        height, width = fill_size(control_image, height, width)
         prompt, lora_specs = request_loras(prompt, loras, lora_dir())
         view, lora_set = apply_loras(self.pipe, lora_specs)  # bad files: InputError, nothing queued
-        if image is not None and (height is None or width is None):
-            size = image_size(image)
-            width = size[0] if width is None and size else width
-            height = size[1] if height is None and size else height
         strength = inpaint_strength(self.pipe.manifest.dims, image, mask, strength, None, mask_blur)
-        req = build_request(
-            self.pipe.manifest,
+        call = prepare_call(
+            self.pipe,
             resolve_sampler,
+            height=height,
+            width=width,
+            image=image,
+            mask=mask,
+            mask_blur=mask_blur,
+            control_image=control_image,
+            controlnet_scale=controlnet_scale,
+            control_start=control_start,
+            control_end=control_end,
+            options=options,
             prompt=prompt,
             negative_prompt=negative_prompt,
             sampler=sampler,
@@ -184,29 +188,20 @@ class BatchingEngine:
             guidance=guidance,
             guidance_rescale=guidance_rescale,
             seed=seed,
-            height=height,
-            width=width,
             batch=1,
-            img2img=image is not None,
             strength=strength,
             karras=karras,
             eta=eta,
             sampler_options={},
             emphasis=emphasis,
         )
-        family_options = self.pipe.family.check_options(options, req.height, req.width)
+        req = call.req
         stepper = self.pipe.make_stepper(req)  # sampler-specific errors surface here, too
         now = time.monotonic()
         job = Job(req, stepper, Future(), now + self.timeout_s, now, next(self._seq))
-        job.options = family_options
-        job.control = resolve_control(
-            self.pipe.controlnet, control_image, controlnet_scale, control_start, control_end, req
-        )
+        job.options, job.control = call.options, call.control
+        job.init, job.inpaint = call.init_image, call.inpaint
         job.pipe, job.lora_key, job.lora_params = view, lora_set.key, lora_params(lora_set)
-        if image is not None:
-            job.init = load_image(image, req.width, req.height)
-        if mask is not None:
-            job.inpaint = InpaintInput.load(image, mask, job.init, req.width, req.height, mask_blur)
         with self._cond:
             if self._stopped or not self._thread.is_alive():
                 raise EngineStoppedError("the generation engine is stopped")
@@ -380,7 +375,7 @@ class BatchingEngine:
 
     def _advance(self, job: Job, out: np.ndarray) -> None:
         """Checks, CFG and one sampler step for one request (:class:`DenoiseStep`, as in
-        ``Pipeline._denoise``); a failure fails this request alone: NaN latents would fail
+        ``sampling_loop.denoise``); a failure fails this request alone: NaN latents would fail
         its whole VAE batch at decode."""
         step = self._step
         total = job.stepper.num_model_calls
