@@ -19,12 +19,13 @@ half-size files (what SDXL checkpoints ship); both exporters load them as fp32.
 under ``/usr/bin/time -v`` and reports its wall time and peak resident memory.
 
 ``e2e`` runs each side in its own child process (the machine cannot hold both fp32 pipelines at
-once): diffusers' ``StableDiffusionXLPipeline`` on the folder, trt-sd's ``Pipeline`` on the
-engines (``--backend``, default ``auto``), the same prompt, negative prompt, initial latents,
-Euler sampler (SDXL's scheduler config), steps and CFG scale; ``--warmup`` untimed calls
-(default 1) then ``--rounds`` timed calls each; the figure is the median. The two images are
-compared too (same work: fp32 ONNX Runtime matches diffusers to a few 1/255; OpenVINO's bf16
-does not). The 1-minute load average is printed before and after: the machine may be shared.
+once): diffusers' ``StableDiffusionXLPipeline`` on the folder, then trt-sd's ``Pipeline`` on the
+engines once per backend in ``--backend`` (comma-separated, default ``auto``), the same
+prompt, negative prompt, initial latents, Euler sampler (SDXL's scheduler config), steps and
+CFG scale; ``--warmup`` untimed calls (default 1) then ``--rounds`` timed calls each; the
+figure is the median. Each trt-sd image is compared with diffusers' too (same work: fp32
+ONNX Runtime matches diffusers to a few 1/255; OpenVINO's bf16 does not). The 1-minute load
+average is printed before and after: the machine may be shared.
 """
 
 from __future__ import annotations
@@ -220,6 +221,7 @@ def child_run(side: str, path: str, size: int, steps: int, rounds: int, backend:
     """One side's ``warmup`` + ``rounds`` timed generations; JSON on stdout, image to .npy."""
     latents = _latents(size)
     t0 = time.perf_counter()
+    used = "torch fp32"
     if side == "diffusers":
         import torch
         from diffusers import StableDiffusionXLPipeline
@@ -240,6 +242,7 @@ def child_run(side: str, path: str, size: int, steps: int, rounds: int, backend:
         from trt_sd.runtime import Pipeline
 
         tpipe = Pipeline.load(path, backend=backend)
+        used = tpipe.backend
 
         def call() -> np.ndarray:
             return tpipe(PROMPT, NEGATIVE, sampler="euler", steps=steps, guidance=GUIDANCE,
@@ -254,33 +257,43 @@ def child_run(side: str, path: str, size: int, steps: int, rounds: int, backend:
         image = call()
         times.append(time.perf_counter() - t)
     np.save(image_out, image)
-    print(json.dumps({"load": round(load, 1), "times": [round(x, 2) for x in times]}))
+    timed = [round(x, 2) for x in times]
+    print(json.dumps({"backend": used, "load": round(load, 1), "times": timed}))
 
 
 def e2e(args: argparse.Namespace) -> None:
+    """diffusers once, then trt-sd once per backend in ``--backend`` (comma-separated), each
+    in its own child; every trt-sd figure is a ratio against the diffusers run before it."""
     work = Path(args.workdir)
     model, engines = work / "model", work / f"engines-{args.size}"
     print(f"load average before: {load_average():.1f}")
+    sides = [("diffusers", model, "-")] + [
+        (f"trt-sd:{b}", engines, b) for b in args.backend.split(",")
+    ]
     results = {}
-    for side, path in (("diffusers", model), ("trt-sd", engines)):
-        image = work / f"image-{side}.npy"
-        argv = ["child-run", side, str(path), str(args.size), str(args.steps), str(args.rounds),
-                args.backend, str(image), str(args.warmup)]  # fmt: skip
+    for side, path, backend in sides:
+        image = work / f"image-{side.replace(':', '-')}.npy"
+        argv = ["child-run", side.split(":")[0], str(path), str(args.size), str(args.steps),
+                str(args.rounds), backend, str(image), str(args.warmup)]  # fmt: skip
         r = timed_child(argv)
         if r["exit"] != 0:
             raise SystemExit(f"{side} failed (exit {r['exit']}):\n{r['tail']}")
         line = [s for s in r["stdout"].splitlines() if s.startswith("{")][-1]
         results[side] = {**json.loads(line), "peak_rss_gib": r["peak_rss_gib"]}
         results[side]["median"] = statistics.median(results[side]["times"])
+        results[side]["load_average"] = round(load_average(), 1)
+        if side != "diffusers":
+            a = np.load(image).astype(int)
+            b = np.load(work / "image-diffusers.npy").astype(int)
+            diff = np.abs(a - b)
+            results[side]["over_diffusers"] = round(
+                results[side]["median"] / results["diffusers"]["median"], 3
+            )
+            results[side]["image_max_diff"] = int(diff.max())
+            results[side]["image_mean_diff"] = round(float(diff.mean()), 4)
         print(side, results[side], flush=True)
-    a, b = np.load(work / "image-trt-sd.npy"), np.load(work / "image-diffusers.npy")
-    diff = np.abs(a.astype(int) - b.astype(int))
-    ratio = results["trt-sd"]["median"] / results["diffusers"]["median"]
     print(f"load average after: {load_average():.1f}")
-    print(json.dumps({"size": args.size, "steps": args.steps, "backend": args.backend,
-                      "trt_sd_over_diffusers": round(ratio, 3),
-                      "image_max_diff": int(diff.max()), "image_mean_diff": float(diff.mean()),
-                      **{k: v for k, v in results.items()}}))  # fmt: skip
+    print(json.dumps({"size": args.size, "steps": args.steps, **results}))
 
 
 def main() -> int:
@@ -305,7 +318,7 @@ def main() -> int:
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--backend", default="auto")
+    p.add_argument("--backend", default="auto", help="trt-sd backends, comma-separated")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls first (0: time the first)")
     p = sub.add_parser("child-export")
     p.add_argument("args", nargs=4)

@@ -200,18 +200,6 @@ def test_unknown_family_in_a_manifest_is_refused(tmp_path) -> None:
         Pipeline.load(engines, backend="onnxruntime-cpu")
 
 
-def test_int8_names_the_family(tmp_path) -> None:
-    """SDXL base quantizes (tests/test_sdxl_int8.py); the refiner says it does not yet."""
-    from runtime_engines import tiny_refiner_model
-
-    from trt_sd.export import export_model
-
-    with pytest.raises(
-        InputError, match="--precision int8 is not available for SDXL refiner models yet"
-    ):
-        export_model(tiny_refiner_model(), tmp_path / "b", precision="int8", progress=False)
-
-
 def test_split_unet_and_deepcache_on_sdxl(pipe, tmp_path) -> None:
     """The layer list models SDXL's added conditioning (text_embeds + time_ids join the time
     embedding in conv_in): stages and DeepCache's full UNet compute what the whole UNet does."""
