@@ -12,51 +12,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from int8_family import conditioning_pairs, export_tiny_int8, psnr_and_mean_diff
 from runtime_engines import SIZE, tiny_sdxl_engines, tiny_sdxl_model
 
-from trt_sd.export import export_model
-from trt_sd.models.families import PromptRows
 from trt_sd.runtime import Pipeline
 
-torch = pytest.importorskip("torch")
-
-RECIPE = {"calib_size": 2, "calib_steps": 3, "report_images": 1, "report_steps": 3}
+pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")
 def int8_engines(tmp_path_factory) -> Path:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny UNet calls on a shared 2-core machine
-    try:
-        out = tmp_path_factory.mktemp("sdxl-int8") / "engines"
-        kw = {"height": "16:24", "width": "16:24", "batch": "1:2", "progress": False}
-        export_model(tiny_sdxl_model(), out, precision="int8", int8=RECIPE, **kw)
-    finally:
-        torch.set_num_threads(threads)
-    return out
+    return export_tiny_int8(tiny_sdxl_model(), tmp_path_factory.mktemp("sdxl-int8") / "engines")
 
 
 def test_calibration_conditioning_is_the_runtime_conditioning() -> None:
     """What calibration feeds the UNet equals what the SDXL runtime feeds it (all three
     inputs, the zeroed empty negative row included)."""
-    from trt_sd.export.checkpoint import locate
-    from trt_sd.export.int8.conditioning import PromptEncoder
-    from trt_sd.export.modules import ModuleLoader
-
-    ckpt = locate(tiny_sdxl_model())
-    encoder = PromptEncoder(ckpt, ModuleLoader(ckpt), (SIZE, SIZE))
-    prompts = ["a photo of a cat", "a painting of a horse on the moon"]
-    pipe = Pipeline.load(tiny_sdxl_engines(), backend="onnxruntime-cpu")
-    options = pipe.manifest.family.check_options({}, SIZE, SIZE)
-    for texts, negative in ((prompts, False), ([""], True)):
-        ours = encoder(texts, negative=negative)
-        rows = PromptRows(tuple(texts), (negative,) * len(texts), ((SIZE, SIZE),) * len(texts),
-                          (options,) * len(texts))  # fmt: skip
-        theirs = pipe.encode_conditioning(rows)
+    cases = [(["a photo of a cat", "a painting of a horse on the moon"], False), ([""], True)]
+    pairs = list(conditioning_pairs(tiny_sdxl_model(), tiny_sdxl_engines(), cases))
+    for ours, theirs in pairs:
         assert list(ours) == ["encoder_hidden_states", "text_embeds", "time_ids"]
         for name, value in ours.items():
             np.testing.assert_allclose(value, theirs[name], rtol=1e-4, atol=1e-5)
-    assert not encoder([""], negative=True)["encoder_hidden_states"].any()  # forced zeros
+    assert not pairs[1][0]["encoder_hidden_states"].any()  # forced zeros
 
 
 def test_int8_sdxl_export_record(int8_engines: Path) -> None:
@@ -77,8 +55,7 @@ def test_int8_sdxl_image_is_close_to_fp32(int8_engines: Path) -> None:
     fp32 = Pipeline.load(tiny_sdxl_engines(), backend="onnxruntime-cpu")
     latents = np.random.default_rng(2).standard_normal((2, 4, SIZE // 2, SIZE // 2), np.float32)
     kw = {"sampler": "euler", "steps": 8, "guidance": 5.0, "batch": 2, "latents": latents}
-    a = np.stack(ours("a photo of a cat", "dog", **kw).images).astype(np.float64)
-    b = np.stack(fp32("a photo of a cat", "dog", **kw).images).astype(np.float64)
-    psnr = 10 * np.log10(255.0**2 / np.mean((a - b) ** 2))
-    assert psnr >= 30.0 and np.abs(a - b).mean() <= 4.0, (psnr, np.abs(a - b).mean())
-    assert b.std() > 10  # a real image, not a flat one that any graph would match
+    b = fp32("a photo of a cat", "dog", **kw).images
+    psnr, mean = psnr_and_mean_diff(ours("a photo of a cat", "dog", **kw).images, b)
+    assert psnr >= 30.0 and mean <= 4.0, (psnr, mean)
+    assert np.stack(b).std() > 10  # a real image, not a flat one that any graph would match

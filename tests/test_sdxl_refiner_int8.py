@@ -15,50 +15,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from int8_family import conditioning_pairs, export_tiny_int8, psnr_and_mean_diff
 from runtime_engines import SIZE, tiny_refiner_engines, tiny_refiner_model
 
-from trt_sd.export import export_model
-from trt_sd.models.families import PromptRows
 from trt_sd.runtime import Pipeline
 
-torch = pytest.importorskip("torch")
-
-RECIPE = {"calib_size": 2, "calib_steps": 3, "report_images": 1, "report_steps": 3}
+pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")
 def int8_refiner(tmp_path_factory) -> Path:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny UNet calls on a shared 2-core machine
-    try:
-        out = tmp_path_factory.mktemp("refiner-int8") / "engines"
-        kw = {"height": "16:24", "width": "16:24", "batch": "1:2", "progress": False}
-        export_model(tiny_refiner_model(), out, precision="int8", int8=RECIPE, **kw)
-    finally:
-        torch.set_num_threads(threads)
-    return out
+    return export_tiny_int8(tiny_refiner_model(), tmp_path_factory.mktemp("refiner") / "int8")
 
 
 def test_calibration_conditioning_is_the_refiner_runtime_conditioning() -> None:
-    from trt_sd.export.checkpoint import locate
-    from trt_sd.export.int8.conditioning import PromptEncoder
-    from trt_sd.export.modules import ModuleLoader
-
-    ckpt = locate(tiny_refiner_model())
-    encoder = PromptEncoder(ckpt, ModuleLoader(ckpt), (SIZE, SIZE))
-    pipe = Pipeline.load(tiny_refiner_engines(), backend="onnxruntime-cpu")
-    options = pipe.manifest.family.check_options({}, SIZE, SIZE)
-    for texts, negative in ((["a photo of a cat", "a horse"], False), ([""], True)):
-        ours = encoder(texts, negative=negative)
-        rows = PromptRows(tuple(texts), (negative,) * len(texts), ((SIZE, SIZE),) * len(texts),
-                          (options,) * len(texts))  # fmt: skip
-        theirs = pipe.encode_conditioning(rows)
+    cases = [(["a photo of a cat", "a horse"], False), ([""], True)]
+    pairs = conditioning_pairs(tiny_refiner_model(), tiny_refiner_engines(), cases)
+    for (ours, theirs), (_, negative) in zip(pairs, cases, strict=True):
         assert list(ours) == ["encoder_hidden_states", "text_embeds", "time_ids"]
         for name, value in ours.items():
             np.testing.assert_allclose(value, theirs[name], rtol=1e-4, atol=1e-5)
         assert ours["time_ids"].shape[1] == 5  # size, crop, aesthetic score
         assert ours["time_ids"][0, 4] == (2.5 if negative else 6.0)  # diffusers' defaults
-    assert encoder([""], negative=True)["encoder_hidden_states"].any()  # not zeroed
+        assert ours["encoder_hidden_states"].any()  # empty prompts are not zeroed
 
 
 def test_int8_refiner_record(int8_refiner: Path) -> None:
@@ -76,12 +55,10 @@ def test_int8_refiner_record(int8_refiner: Path) -> None:
 def test_int8_refiner_img2img_is_close_to_fp32(int8_refiner: Path) -> None:
     ours = Pipeline.load(int8_refiner, backend="onnxruntime-cpu")
     fp32 = Pipeline.load(tiny_refiner_engines(), backend="onnxruntime-cpu")
-    rng = np.random.default_rng(3)
-    image = (rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8)
+    image = (np.random.default_rng(3).random((SIZE, SIZE, 3)) * 255).astype(np.uint8)
     kw = {"image": image, "strength": 0.3, "sampler": "euler", "steps": 10, "guidance": 5.0,
           "seed": 7, "batch": 2}  # fmt: skip
-    a = np.stack(ours("a photo of a cat", "dog", **kw).images).astype(np.float64)
-    b = np.stack(fp32("a photo of a cat", "dog", **kw).images).astype(np.float64)
-    psnr = 10 * np.log10(255.0**2 / np.mean((a - b) ** 2))
-    assert psnr >= 30.0 and np.abs(a - b).mean() <= 4.0, (psnr, np.abs(a - b).mean())
-    assert b.std() > 10  # a real image, not a flat one that any graph would match
+    b = fp32("a photo of a cat", "dog", **kw).images
+    psnr, mean = psnr_and_mean_diff(ours("a photo of a cat", "dog", **kw).images, b)
+    assert psnr >= 30.0 and mean <= 4.0, (psnr, mean)
+    assert np.stack(b).std() > 10  # a real image, not a flat one that any graph would match
