@@ -3,7 +3,8 @@ memory. The issue's goal: trt-sd end to end <= 0.5x diffusers' time.
 
     nice python bench/bench_sdxl.py make   --workdir /tmp/sdxl-bench [--scale full|reduced]
     nice python bench/bench_sdxl.py export --workdir /tmp/sdxl-bench --size 512
-    nice python bench/bench_sdxl.py e2e    --workdir /tmp/sdxl-bench --size 512 --steps 4
+    nice python bench/bench_sdxl.py e2e    --workdir /tmp/sdxl-bench --size 512 --steps 4 \
+        --backend auto,onnxruntime-cpu
 
 ``make`` writes a diffusers SDXL base folder with random weights from the architecture of
 ``stabilityai/stable-diffusion-xl-base-1.0`` (UNet 2.57 B parameters: blocks 320/640/1280,
@@ -25,7 +26,9 @@ prompt, negative prompt, initial latents, Euler sampler (SDXL's scheduler config
 CFG scale; ``--warmup`` untimed calls (default 1) then ``--rounds`` timed calls each; the
 figure is the median. Each trt-sd image is compared with diffusers' too (same work: fp32
 ONNX Runtime matches diffusers to a few 1/255; OpenVINO's bf16 does not). The 1-minute load
-average is printed before and after: the machine may be shared.
+average is printed before and after: the machine may be shared. Memory per side: peak RSS
+(``/usr/bin/time``, which counts mapped weight-file pages too) and peak anonymous memory
+(:class:`AnonPeak`).
 """
 
 from __future__ import annotations
@@ -216,9 +219,34 @@ def _latents(size: int) -> np.ndarray:
     return np.random.default_rng(0).standard_normal((1, 4, size // 8, size // 8), np.float32)
 
 
+class AnonPeak:
+    """Peak anonymous resident memory of this process, polled from ``/proc/self/status``:
+    ``/usr/bin/time``'s peak RSS also counts file pages mapped from the weight files, which
+    the kernel can drop under pressure, so it overstates what a run really needs."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        import threading
+
+        self.peak_kib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _poll(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    self.peak_kib = max(self.peak_kib, int(line.split()[1]))
+
+    def gib(self) -> float:
+        self._stop.set()
+        return round(self.peak_kib / 2**20, 2)
+
+
 def child_run(side: str, path: str, size: int, steps: int, rounds: int, backend: str,
               image_out: str, warmup: int) -> None:  # fmt: skip
     """One side's ``warmup`` + ``rounds`` timed generations; JSON on stdout, image to .npy."""
+    anon = AnonPeak()
     latents = _latents(size)
     t0 = time.perf_counter()
     used = "torch fp32"
@@ -258,7 +286,8 @@ def child_run(side: str, path: str, size: int, steps: int, rounds: int, backend:
         times.append(time.perf_counter() - t)
     np.save(image_out, image)
     timed = [round(x, 2) for x in times]
-    print(json.dumps({"backend": used, "load": round(load, 1), "times": timed}))
+    print(json.dumps({"backend": used, "load": round(load, 1), "times": timed,
+                      "peak_anon_gib": anon.gib()}))  # fmt: skip
 
 
 def e2e(args: argparse.Namespace) -> None:
