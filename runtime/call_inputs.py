@@ -11,7 +11,8 @@ makes for the same arguments), so the preparation lives here once:
 4. the ControlNet images, scales and windows;
 5. the init image and the inpainting mask, decoded at the request's size.
 
-Every problem is an :class:`~trt_sd.models.errors.InputError` with one line.
+Every problem is an :class:`~trt_sd.models.errors.InputError` with one line. Both then start the
+request's latents (:func:`start_latents`) and report it (:func:`call_params`) the same way.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .controlnet import RequestControl, fill_size, resolve_control
 from .images import image_size, load_image
 from .inpaint import InpaintInput
 from .request import Request, build_request
+from .vae import encode_image
 
 
 @dataclass(frozen=True)
@@ -88,3 +90,41 @@ def prepare_call(
     if mask is not None:
         inpaint = InpaintInput.load(image, mask, init_image, req.width, req.height, mask_blur)
     return CallInputs(req, family_options, control, init_image, inpaint)
+
+
+def start_latents(
+    pipe: Any,
+    req: Request,
+    stepper: Any,
+    noise: np.ndarray,
+    init_image: np.ndarray | None,
+    inpaint: InpaintInput | None,
+    timings: dict[str, float],
+) -> tuple[np.ndarray, Any, dict[str, np.ndarray]]:
+    """(initial latents, the stepper to use, extra UNet conditioning rows) of a request:
+    txt2img's scaled noise, img2img's init image encoded and noised to its first step, or
+    inpainting's start (its mask rows join the conditioning; a 4-channel UNet's latent
+    blending goes into the stepper, :mod:`.inpaint`)."""
+    if inpaint is not None:
+        return inpaint.start(pipe, req, stepper, noise, timings)
+    if init_image is not None:
+        latents = encode_image(pipe, req.seeds, init_image, timings)
+        return stepper.add_noise(latents, noise), stepper, {}
+    return stepper.prepare_noise(noise), stepper, {}
+
+
+def call_params(
+    pipe: Any,
+    req: Request,
+    options: dict[str, Any],
+    control: RequestControl | None,
+    inpaint: InpaintInput | None,
+    lora_params: dict[str, Any],
+) -> dict[str, Any]:
+    """What a result reports and its PNG embeds: the resolved request and engine identity
+    (``pipe.result_params``), the family options, ControlNet settings, mask blur and LoRAs."""
+    extra = control.params() if control else {}
+    params = pipe.result_params(req, {**options, **extra})
+    params.update(inpaint.params() if inpaint is not None else {})
+    params.update(lora_params)
+    return params

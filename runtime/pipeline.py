@@ -25,7 +25,7 @@ from trt_sd.models.manifest import Manifest
 from trt_sd.models.paths import default_engine_dir
 
 from .backends import EngineBackend, create_backend
-from .call_inputs import prepare_call
+from .call_inputs import call_params, prepare_call, start_latents
 from .chains import run_chains
 from .conditioning import TextConditioner, load_tokenizers
 from .controlnet import attach_controlnets, controlnet_components
@@ -41,7 +41,7 @@ from .progress import ProgressArg
 from .request import DEFAULT_SAMPLER, Request
 from .sampling_loop import denoise
 from .tokenizer import ClipTokenizer
-from .vae import check_finite, encode_image
+from .vae import check_finite
 
 __all__ = [
     "GenerationResult",
@@ -257,25 +257,22 @@ class Pipeline:
             sampler_options=sampler_options or {},
             emphasis=emphasis,
         )
-        req, family_options, control = call.req, call.options, call.control
-        init_image, inpaint = call.init_image, call.inpaint
+        req, control, inpaint = call.req, call.control, call.inpaint
         noise = self._initial_noise(req, latents)
         timings: dict[str, float] = {}
         stepper = self._stepper(req)
-        conditioning = self._encode_text(req, family_options, timings)
+        conditioning = self._encode_text(req, call.options, timings)
         if handed is not None:
             if handed.shape != noise.shape:
                 raise InputError(
                     f"latents as image must have shape {noise.shape}, got {handed.shape}"
                 )
             x = handed
-        elif inpaint is not None:
-            x, stepper, extra = inpaint.start(self, req, stepper, noise, timings)
-            conditioning = {**conditioning, **extra}
-        elif init_image is None:
-            x = stepper.prepare_noise(noise)
         else:
-            x = stepper.add_noise(self._encode_image(req, init_image, timings), noise)
+            x, stepper, extra = start_latents(
+                self, req, stepper, noise, call.init_image, inpaint, timings
+            )
+            conditioning = {**conditioning, **extra}
         calls = stepper.num_model_calls
         if denoising_end is not None:
             calls = end_calls(stepper.timesteps, denoising_end, self.scheduler_config)
@@ -290,15 +287,12 @@ class Pipeline:
             )
         images = self._decode(x, timings) if output_type == "image" else []
         timings["total"] = time.perf_counter() - start
-        extra = control.params() if control else {}
-        params = self.result_params(req, {**family_options, **extra})
-        params.update(inpaint.params() if inpaint is not None else {})
+        params = call_params(self, req, call.options, control, inpaint, lora_params(lora_set))
         for key, value in (("denoising_end", denoising_end), ("denoising_start", denoising_start)):
             if value is not None:
                 params[key] = float(value)
         if cache is not None:
             params["deepcache"] = cache.summary()
-        params.update(lora_params(lora_set))
         latents_out = x if output_type == "latent" else None
         space = self.family.latent_space
         return GenerationResult(images, timings, calls, params, latents_out, space)
@@ -398,12 +392,6 @@ class Pipeline:
         te_dtype = te.outputs[0].dtype
         unet_dtype = next(s.dtype for s in unet.inputs if s.name == CONTEXT)
         return te.kind == unet.kind != "onnxruntime-cpu" and te_dtype == unet_dtype
-
-    def _encode_image(
-        self, req: Request, image: np.ndarray, timings: dict[str, float]
-    ) -> np.ndarray:
-        """Init image -> latents, one posterior sample per batch entry (:mod:`.vae`)."""
-        return encode_image(self, req.seeds, image, timings)
 
     def _decode(self, x: np.ndarray, timings: dict[str, float]) -> list[np.ndarray]:
         spec = self.components[VAE_DECODER]

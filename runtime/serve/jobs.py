@@ -16,6 +16,8 @@ import numpy as np
 from trt_sd.models.descriptors import CONTEXT
 from trt_sd.models.errors import InputError, TrtSdError
 from trt_sd.models.families import PromptRows
+from trt_sd.runtime.call_inputs import call_params
+from trt_sd.runtime.call_inputs import start_latents as start_latents_of
 from trt_sd.runtime.request import Request
 
 DEFAULT_MAX_QUEUE = 64
@@ -139,26 +141,19 @@ def check_limits(max_queue: int, timeout_s: float) -> None:
 
 
 def start_latents(pipe: Any, job: Job, noise: np.ndarray) -> None:
-    """A newly encoded job's initial latents: txt2img's scaled noise, img2img's init image
-    noised to its first step, or inpainting's start (its mask rows join the job's
-    conditioning, so they travel with its rows in every UNet batch; the latent blending of a
-    4-channel UNet goes into its stepper), as ``Pipeline.__call__`` starts them."""
-    if job.inpaint is not None:
-        x, job.stepper, extra = job.inpaint.start(pipe, job.req, job.stepper, noise, {})
-        job.embeddings, job.x, job.init = {**(job.embeddings or {}), **extra}, x, None
-    elif job.init is not None:
-        latents = pipe._encode_image(job.req, job.init, {})
-        job.x, job.init = job.stepper.add_noise(latents, noise), None
-    else:
-        job.x = job.stepper.prepare_noise(noise)
+    """A newly encoded job's initial latents, as ``Pipeline.__call__`` starts them
+    (:func:`~trt_sd.runtime.call_inputs.start_latents`); inpainting's mask rows join the job's
+    conditioning, so they travel with its rows in every UNet batch. The init image is
+    dropped once encoded."""
+    x, job.stepper, extra = start_latents_of(
+        pipe, job.req, job.stepper, noise, job.init, job.inpaint, {}
+    )
+    job.embeddings, job.x, job.init = {**(job.embeddings or {}), **extra}, x, None
 
 
 def job_params(pipe: Any, job: Job) -> dict[str, Any]:
     """What a finished job's result reports (and its PNG embeds)."""
-    control = job.control.params() if job.control else {}
-    params = pipe.result_params(job.req, {**job.options, **control})
-    inpaint = job.inpaint.params() if job.inpaint is not None else {}
-    return {**params, **inpaint, **job.lora_params}
+    return call_params(pipe, job.req, job.options, job.control, job.inpaint, job.lora_params)
 
 
 def fail_job(job: Job, error: BaseException) -> None:
